@@ -1,0 +1,620 @@
+"""`minivit bench`: a training step and inference of minivit (NumPy) beside PyTorch eager.
+
+    minivit bench --preset cifar-lesson --batch-size 128
+    minivit bench --preset vit-b16 --batch-size 8 --steps 6 --profile
+    minivit bench --preset cifar-lesson --ops reference      # the clear ops of ops.py
+
+What is timed, for each framework, on the same images, labels and weights:
+  train step   zero_grad, forward, mean cross-entropy, backward, AdamW update
+  inference    forward in eval mode (PyTorch under torch.inference_mode())
+
+The PyTorch model is written below with torch.nn (pre-norm blocks, fused qkv Linear,
+explicit q k^T -> softmax -> @ v attention, exact or tanh GELU, LayerNorm with the
+config's eps, [CLS] + position embedding, patch Conv2d), loads minivit's weights by name
+and must give the same logits before anything is timed. Both use float32 and the same
+thread count: torch.set_num_threads(N) for PyTorch, threadpoolctl for NumPy's BLAS
+(without threadpoolctl, OPENBLAS_NUM_THREADS must be set before Python starts).
+
+The machine is shared and timings drift, so the two frameworks run alternately in one
+process (minivit step, torch step, minivit step, ...) after a warm-up, and the report
+gives the median images/s of each, their ratio minivit / PyTorch, and the spread of
+the per-pair ratios.
+
+Peak memory of a training step is measured in a fresh subprocess per framework (so
+neither sees the other's allocations):
+  RSS growth   peak resident memory (VmHWM) minus resident memory just before the first
+               step, over warm-up + 2 steps: gradients, optimizer state, activations kept
+               for backward and temporaries, as the operating system sees them.
+  traced peak  the peak of the framework's own tensor allocations during one step after
+               a warm-up step (optimizer state already there): tracemalloc for NumPy (NumPy
+               reports every array buffer to it), the profiler's memory events
+               (profile_memory=True) for PyTorch's CPU allocator.
+
+--profile adds where minivit's training step spends its time, op by op (forward and
+backward), found by wrapping the active ops (fastops or ops) and the modules with timers.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from . import modules
+from .config import PRESETS, ViTConfig, get_preset
+from .model import ViT
+from .ops import cross_entropy_backward, cross_entropy_forward
+from .optim import AdamW
+
+LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.999), 1e-8, 0.05
+MIB = 2**20
+
+
+# ----------------------------------------------------------------------------- threads
+
+def set_threads(n: int, torch=None) -> str:
+    """Use n threads in NumPy's BLAS (and PyTorch's intra-op pool). Returns how it was done."""
+    if torch is not None:
+        torch.set_num_threads(n)
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+    except ImportError:
+        env = os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")
+        return (f"NumPy BLAS threads from the environment (OPENBLAS_NUM_THREADS={env}); "
+                f"pip install threadpoolctl to set them from --threads")
+    threadpool_limits(n, user_api="blas")
+    blas = [f"{i['internal_api']} {i['num_threads']}" for i in threadpool_info() if i["user_api"] == "blas"]
+    return "NumPy BLAS via threadpoolctl: " + ", ".join(blas)
+
+
+# ----------------------------------------------------------------------------- the PyTorch twin
+
+def build_torch_vit(config: ViTConfig, pos_table=None):
+    """The same Vision Transformer in plain torch.nn, with minivit's (timm's) parameter names."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    class DropPath(nn.Module):
+        """Stochastic depth as timm: one keep-or-drop decision per sample, kept ones scaled up."""
+
+        def __init__(self, p):
+            super().__init__()
+            self.p = p
+
+        def forward(self, x):
+            if not self.training or self.p == 0.0:
+                return x
+            keep = 1.0 - self.p
+            mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep).div_(keep)
+            return x * mask
+
+    class Attention(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.heads = c.heads
+            self.scale = c.head_size**-0.5
+            self.qkv = nn.Linear(c.dim, 3 * c.dim, bias=c.qkv_bias)
+            self.attn_drop = nn.Dropout(c.attn_dropout)
+            self.proj = nn.Linear(c.dim, c.dim)
+            self.proj_drop = nn.Dropout(c.dropout)
+
+        def forward(self, x):
+            B, N, D = x.shape
+            qkv = self.qkv(x).reshape(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)                                    # each (B, H, N, hs)
+            att = (q * self.scale) @ k.transpose(-2, -1)               # (B, H, N, N)
+            att = self.attn_drop(att.softmax(dim=-1))
+            y = (att @ v).transpose(1, 2).reshape(B, N, D)             # (B, N, D)
+            return self.proj_drop(self.proj(y))
+
+    class Mlp(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.fc1 = nn.Linear(c.dim, c.hidden_dim)
+            self.act = nn.GELU(approximate="none" if c.gelu == "exact" else "tanh")
+            self.fc2 = nn.Linear(c.hidden_dim, c.dim)
+            self.drop = nn.Dropout(c.dropout)
+
+        def forward(self, x):
+            return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+    class Block(nn.Module):
+        def __init__(self, c, drop_path):
+            super().__init__()
+            self.norm1 = nn.LayerNorm(c.dim, eps=c.ln_eps)
+            self.attn = Attention(c)
+            self.norm2 = nn.LayerNorm(c.dim, eps=c.ln_eps)
+            self.mlp = Mlp(c)
+            self.drop_path = DropPath(drop_path)
+
+        def forward(self, x):
+            x = x + self.drop_path(self.attn(self.norm1(x)))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    class PatchEmbed(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.proj = nn.Conv2d(c.in_chans, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
+
+        def forward(self, x):
+            return self.proj(x).flatten(2).transpose(1, 2)               # (B, G*G, D)
+
+    class TorchViT(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.config = c
+            self.patch_embed = PatchEmbed(c)
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim))
+            if c.pos_embed == "learned":
+                self.pos_embed = nn.Parameter(torch.zeros(1, c.num_tokens, c.dim))
+            elif c.pos_embed == "sincos2d":
+                self.register_buffer("pos_table", torch.as_tensor(np.asarray(pos_table)), persistent=False)
+            self.pos_drop = nn.Dropout(c.dropout)
+            rates = np.linspace(0.0, c.drop_path, c.depth) if c.depth > 1 else [c.drop_path]
+            self.blocks = nn.ModuleList([Block(c, float(r)) for r in rates])
+            self.norm = nn.LayerNorm(c.dim, eps=c.ln_eps)
+            self.head = nn.Linear(c.dim, c.num_classes) if c.num_classes > 0 else nn.Identity()
+
+        def forward(self, x):
+            x = self.patch_embed(x)
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)   # (B, N, D)
+            if self.config.pos_embed == "learned":
+                x = x + self.pos_embed
+            elif self.config.pos_embed == "sincos2d":
+                x = x + self.pos_table
+            x = self.pos_drop(x)
+            for block in self.blocks:
+                x = block(x)
+            x = self.norm(x)
+            x = x[:, 0] if self.config.pool == "cls" else x[:, 1:].mean(dim=1)
+            return self.head(x)
+
+    return TorchViT(config)
+
+
+def torch_twin(model: ViT):
+    """A PyTorch model computing the same function as `model`, with a copy of its weights."""
+    import torch
+
+    tmodel = build_torch_vit(model.config, getattr(model, "pos_table", None))
+    state = {name: torch.from_numpy(np.array(p.data, copy=True)) for name, p in model.named_parameters()}
+    tmodel.load_state_dict(state, strict=True)
+    return tmodel
+
+
+def check_same_function(model: ViT, tmodel, images, tol=1e-4) -> float:
+    """Both models, in eval mode, give the same logits (float32: up to ~1e-4). Returns the max difference."""
+    import torch
+
+    model.eval()
+    tmodel.eval()
+    ours = model(images)
+    model.clear_cache()
+    with torch.inference_mode():
+        theirs = tmodel(torch.from_numpy(images)).numpy()
+    scale = max(1.0, float(np.abs(theirs).max()))
+    diff = float(np.abs(ours - theirs).max())
+    if not diff <= tol * scale:
+        raise RuntimeError(f"minivit and the PyTorch twin disagree: max |logits difference| = {diff:.3g}")
+    return diff
+
+
+# ----------------------------------------------------------------------------- one step of each
+
+def minivit_train_step(model, opt, images, labels):
+    model.zero_grad()
+    logits = model(images)                                       # (B, K)
+    loss, cache = cross_entropy_forward(logits, labels)
+    model.backward(cross_entropy_backward(cache))
+    opt.step()
+    return float(loss)
+
+
+def minivit_infer(model, images):
+    logits = model(images)
+    model.clear_cache()   # eval forward passes still keep caches (a backward may follow); drop them
+    return logits
+
+
+def torch_train_step(tmodel, topt, timages, tlabels):
+    import torch.nn.functional as F
+
+    topt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(tmodel(timages), tlabels)
+    loss.backward()
+    topt.step()
+    return loss.item()
+
+
+def torch_infer(tmodel, timages):
+    import torch
+
+    with torch.inference_mode():
+        return tmodel(timages)
+
+
+def make_batch(config: ViTConfig, batch_size: int, seed: int = 0):
+    rng = np.random.default_rng([seed, 1])
+    images = rng.standard_normal((batch_size, config.in_chans, config.img_size, config.img_size), dtype=np.float32)
+    labels = rng.integers(0, max(config.num_classes, 1), size=batch_size)
+    return images, labels
+
+
+def make_minivit(config, seed=0):
+    model = ViT(config, seed=seed)
+    opt = AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    return model, opt
+
+
+def make_torch(model):
+    import torch
+
+    tmodel = torch_twin(model)
+    topt = torch.optim.AdamW(tmodel.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
+    return tmodel, topt
+
+
+# ----------------------------------------------------------------------------- alternating timing
+
+def alternate(fa, fb, steps: int, warmup: int):
+    """Run fa, fb, fa, fb, ... (warm-up pairs first, untimed); returns the two lists of seconds."""
+    for _ in range(warmup):
+        fa()
+        fb()
+    gc.collect()
+    ta, tb = [], []
+    for _ in range(steps):
+        for f, times in ((fa, ta), (fb, tb)):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+    return ta, tb
+
+
+def summarize(ta, tb, batch_size):
+    """Median images/s of each, their ratio, and the spread (min, max) of the per-pair ratios."""
+    pair = sorted(b / a for a, b in zip(ta, tb))                 # minivit img/s over torch img/s, per pair
+    ips_a = batch_size / statistics.median(ta)
+    ips_b = batch_size / statistics.median(tb)
+    return {"minivit_img_s": ips_a, "torch_img_s": ips_b, "ratio": ips_a / ips_b,
+            "ratio_min": pair[0], "ratio_max": pair[-1],
+            "minivit_ms": 1e3 * statistics.median(ta), "torch_ms": 1e3 * statistics.median(tb)}
+
+
+# ----------------------------------------------------------------------------- memory (one subprocess per framework)
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _torch_traced_peak(step) -> int:
+    """Peak bytes of PyTorch CPU allocations live at once during step(), from profiler memory events."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for e in events:
+        live += e.cpu_memory_usage
+        peak = max(peak, live)
+    del torch
+    return peak
+
+
+def memory_worker(framework: str, config: dict, batch_size: int, threads: int, ops: str) -> dict:
+    """Runs in a fresh process: build one framework's model, then measure a training step's memory."""
+    config = ViTConfig.from_dict(config)
+    modules.set_ops(ops)
+    images, labels = make_batch(config, batch_size)
+    model, opt = make_minivit(config)
+    if framework == "minivit":
+        set_threads(threads)
+        step = lambda: minivit_train_step(model, opt, images, labels)   # noqa: E731
+    else:
+        import torch
+
+        set_threads(threads, torch)
+        tmodel, topt = make_torch(model)
+        del model, opt
+        timages, tlabels = torch.from_numpy(images), torch.from_numpy(labels)
+        step = lambda: torch_train_step(tmodel, topt, timages, tlabels)   # noqa: E731
+    gc.collect()
+    before = _rss_kib("VmRSS")
+    step()                                    # warm-up: allocates the optimizer state
+    if framework == "minivit":
+        import tracemalloc
+
+        tracemalloc.start()
+        step()
+        traced = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    else:
+        traced = _torch_traced_peak(step)
+    step()
+    return {"rss_growth": (_rss_kib("VmHWM") - before) * 1024, "traced_peak": traced}
+
+
+def measure_memory(framework, config, batch_size, threads, ops) -> dict:
+    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    code = ("import json, sys; from minivit.bench import memory_worker; "
+            "print('MEMORY ' + json.dumps(memory_worker(*json.loads(sys.argv[1]))))")
+    arg = json.dumps([framework, config.to_dict(), batch_size, threads, ops])
+    proc = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("MEMORY ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"memory measurement of {framework} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(lines[-1][len("MEMORY "):])
+
+
+# ----------------------------------------------------------------------------- --profile: where minivit's time goes
+
+class _Timers:
+    """Exclusive wall time per call path (module -> op -> helper), for the profile table.
+
+    A path is a tuple of names with call counts inside the parent, e.g.
+    ("Attention.forward#0", "attention_forward#0", "linear_forward#1") for attn.proj.
+    """
+
+    def __init__(self):
+        self.stack = [["step", 0.0, {}]]      # [name, child seconds, calls of each child name]
+        self.path = ["step"]
+        self.seconds = {}
+
+    def wrap(self, name, fn):
+        timers = self
+
+        def timed(*args, **kwargs):
+            parent = timers.stack[-1]
+            k = parent[2].get(name, 0)
+            parent[2][name] = k + 1
+            timers.stack.append([name, 0.0, {}])
+            timers.path.append(f"{name}#{k}")
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                total = time.perf_counter() - t0
+                frame = timers.stack.pop()
+                key = tuple(timers.path[1:])
+                timers.path.pop()
+                timers.seconds[key] = timers.seconds.get(key, 0.0) + total - frame[1]
+                timers.stack[-1][1] += total
+
+        timed.__wrapped__ = fn
+        return timed
+
+
+# (op name, helper name, call index) -> label, where an op calls the same helper for two jobs
+_SECOND_LINEAR = {
+    ("attention_forward", 0): "attn.qkv", ("attention_forward", 1): "attn.proj",
+    ("attention_backward", 0): "attn.proj", ("attention_backward", 1): "attn.qkv",
+    ("mlp_forward", 0): "mlp.fc1", ("mlp_forward", 1): "mlp.fc2",
+    ("mlp_backward", 0): "mlp.fc2", ("mlp_backward", 1): "mlp.fc1",
+}
+_LABELS = {   # the innermost name that decides the label (later rules win over the outer ones)
+    "layernorm_forward": "layernorm", "layernorm_backward": "layernorm",
+    "gelu_forward": "gelu", "gelu_backward": "gelu",
+    "softmax_forward": "softmax", "softmax_backward": "softmax",
+    "dropout_forward": "dropout / drop-path", "dropout_backward": "dropout / drop-path",
+    "cls_pos_forward": "cls + pos_embed", "cls_pos_backward": "cls + pos_embed",
+    "pool_forward": "pool", "pool_backward": "pool",
+    "attention_forward": "attention: matmuls, split/merge heads",
+    "attention_backward": "attention: matmuls, split/merge heads",
+    "mlp_forward": "mlp: glue", "mlp_backward": "mlp: glue",
+}
+
+
+def _label(path):
+    names = [p.rsplit("#", 1)[0] for p in path]
+    if "PatchEmbed.forward" in names or "PatchEmbed.backward" in names:
+        return "patch embed"
+    label = "modules: residual adds, grad accumulation"
+    for i, name in enumerate(names):
+        if name.startswith("ViT.") and i == len(names) - 1:
+            label = "model glue"
+        if name in _LABELS:
+            label = _LABELS[name]
+        if name.startswith(("linear_forward", "linear_backward")) and i > 0 and names[i - 1] in (
+                "attention_forward", "attention_backward", "mlp_forward", "mlp_backward"):
+            label = _SECOND_LINEAR.get((names[i - 1], int(path[i].rsplit("#", 1)[1])), label)
+        elif name.startswith("linear_") and "Linear.forward" in names or "Linear.backward" in names:
+            label = "head" if label.startswith("modules") else label
+        if name.startswith("_attn_") or name in ("split_heads", "merge_heads"):
+            label = "attention: " + name.lstrip("_").replace("attn_", "")
+    return label
+
+
+@contextlib.contextmanager
+def _timed_everything(timers):
+    """Wrap every function of the active ops module and the modules' forward/backward."""
+    from . import model as model_mod
+
+    ops_mod = modules.OPS
+    patched = []
+    for name, fn in list(vars(ops_mod).items()):
+        if callable(fn) and not isinstance(fn, type) and getattr(fn, "__module__", "").startswith("minivit"):
+            patched.append((ops_mod, name, fn))
+            setattr(ops_mod, name, timers.wrap(name, fn))
+    classes = [modules.Linear, modules.LayerNorm, modules.PatchEmbed, modules.Attention, modules.Mlp,
+               modules.Block, model_mod.ViT]
+    for cls in classes:
+        for meth in ("forward", "backward"):
+            fn = cls.__dict__[meth]
+            patched.append((cls, meth, fn))
+            setattr(cls, meth, timers.wrap(f"{cls.__name__}.{meth}", fn))
+    try:
+        yield
+    finally:
+        for owner, name, fn in reversed(patched):
+            setattr(owner, name, fn)
+
+
+def profile_step(model, opt, images, labels, steps: int) -> list[tuple[str, float, float]]:
+    """(label, forward ms, backward ms) per step, for minivit's training step, largest first."""
+    timers = _Timers()
+    loss_t = opt_t = zero_t = 0.0
+    with _timed_everything(timers):
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            model.zero_grad()
+            t1 = time.perf_counter()
+            logits = timers.wrap("forward", model)(images)
+            t2 = time.perf_counter()
+            loss, cache = cross_entropy_forward(logits, labels)
+            dlogits = cross_entropy_backward(cache)
+            t3 = time.perf_counter()
+            timers.wrap("backward", model.backward)(dlogits)
+            t4 = time.perf_counter()
+            opt.step()
+            t5 = time.perf_counter()
+            zero_t += t1 - t0
+            loss_t += t3 - t2
+            opt_t += t5 - t4
+    rows = {}
+    for path, sec in timers.seconds.items():
+        label = _label(path)
+        fwd = path[0].startswith("forward")
+        f, b = rows.get(label, (0.0, 0.0))
+        rows[label] = (f + sec, b) if fwd else (f, b + sec)
+    rows["loss (cross-entropy)"] = (loss_t, 0.0)
+    rows["optimizer (AdamW)"] = (0.0, opt_t)
+    rows["zero_grad"] = (0.0, zero_t)
+    out = [(k, 1e3 * f / steps, 1e3 * b / steps) for k, (f, b) in rows.items()]
+    return sorted(out, key=lambda r: -(r[1] + r[2]))
+
+
+def format_profile(rows) -> str:
+    total = sum(f + b for _, f, b in rows)
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'minivit training step':<{width}}  {'fwd ms':>8}  {'bwd ms':>8}  {'total':>8}  {'share':>6}"]
+    for label, f, b in rows:
+        lines.append(f"{label:<{width}}  {f:8.2f}  {b:8.2f}  {f + b:8.2f}  {100 * (f + b) / total:5.1f}%")
+    lines.append(f"{'total':<{width}}  {sum(r[1] for r in rows):8.2f}  {sum(r[2] for r in rows):8.2f}  {total:8.2f}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the command
+
+def run(preset="cifar-lesson", batch_size=128, threads=None, steps=10, warmup=3, profile=False,
+        overrides=None, ops="fast", memory=True, infer=True, out=print) -> dict:
+    import torch
+
+    threads = threads or os.cpu_count() or 1
+    config = get_preset(preset, **(overrides or {}))
+    previous = modules.set_ops(ops)
+    try:
+        how = set_threads(threads, torch)
+        images, labels = make_batch(config, batch_size)
+        model, opt = make_minivit(config)
+        tmodel, topt = make_torch(model)
+        diff = check_same_function(model, tmodel, images)
+        timages, tlabels = torch.from_numpy(images), torch.from_numpy(labels)
+
+        out(f"minivit bench: preset {preset}, batch {batch_size}, float32, {threads} threads, "
+            f"ops={ops}, {steps} alternating steps after {warmup} warm-up")
+        out(f"  {config}")
+        out(f"  numpy {np.__version__}, torch {torch.__version__}; {how}; "
+            f"torch threads {torch.get_num_threads()}")
+        out(f"  same logits as the PyTorch twin: max |difference| {diff:.2e}")
+        result = {"preset": preset, "batch_size": batch_size, "threads": threads, "ops": ops,
+                  "steps": steps, "warmup": warmup, "logits_max_diff": diff}
+
+        model.train()
+        tmodel.train()
+        ta, tb = alternate(lambda: minivit_train_step(model, opt, images, labels),
+                           lambda: torch_train_step(tmodel, topt, timages, tlabels), steps, warmup)
+        result["train"] = summarize(ta, tb, batch_size)
+        if infer:
+            model.eval()
+            tmodel.eval()
+            ta, tb = alternate(lambda: minivit_infer(model, images), lambda: torch_infer(tmodel, timages),
+                               steps, warmup)
+            result["infer"] = summarize(ta, tb, batch_size)
+            model.train()
+
+        out("")
+        out(f"{'':12}{'minivit img/s':>14}{'torch img/s':>13}{'ratio':>8}  (per-pair min..max)"
+            f"{'minivit ms':>12}{'torch ms':>10}")
+        for name in ("train", "infer"):
+            if name in result:
+                r = result[name]
+                out(f"{name + ' step' if name == 'train' else 'inference':12}{r['minivit_img_s']:14.1f}"
+                    f"{r['torch_img_s']:13.1f}{r['ratio']:8.2f}  ({r['ratio_min']:.2f}..{r['ratio_max']:.2f})"
+                    f"{' ' * 9}{r['minivit_ms']:12.1f}{r['torch_ms']:10.1f}")
+
+        if memory:
+            mem = {fw: measure_memory(fw, config, batch_size, threads, ops) for fw in ("minivit", "torch")}
+            result["memory"] = mem
+            out("")
+            out("peak memory of a training step (fresh process each; see `minivit bench --help`):")
+            for key, what in (("rss_growth", "RSS growth (VmHWM - RSS before step 1)"),
+                              ("traced_peak", "traced peak (tracemalloc / torch profiler)")):
+                a, b = mem["minivit"][key], mem["torch"][key]
+                out(f"  {what:44} minivit {a / MIB:8.1f} MiB   torch {b / MIB:8.1f} MiB   "
+                    f"ratio {a / b if b else float('nan'):.2f}")
+
+        if profile:
+            model.train()
+            rows = profile_step(model, opt, images, labels, max(1, steps))
+            result["profile"] = rows
+            out("")
+            out(format_profile(rows))
+        return result
+    finally:
+        modules.set_ops(previous)
+
+
+def register(subparsers):
+    p = subparsers.add_parser(
+        "bench", help="time a training step and inference of minivit beside PyTorch eager",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--preset", default="cifar-lesson", help=f"one of: {', '.join(PRESETS)} (default cifar-lesson)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a config field, e.g. --set depth=2 (repeatable)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None, help="threads for both frameworks (default: all cores)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps of each framework (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps of each first (default 3)")
+    p.add_argument("--profile", action="store_true", help="also show where minivit's training step spends its time")
+    p.add_argument("--ops", choices=modules.OPS_KINDS, default="fast",
+                   help="minivit's ops: fast (fastops.py, default) or reference (ops.py)")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory measurement")
+    p.add_argument("--no-infer", dest="infer", action="store_false", help="skip the inference timing")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.set_defaults(func=_run)
+
+
+def _run(args):
+    from .shapes import parse_overrides
+
+    for name in ("batch_size", "steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        raise ValueError("--warmup must be >= 0 and --threads >= 1")
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise RuntimeError("minivit bench compares with PyTorch: pip install -e '.[reference]'") from None
+    result = run(args.preset, args.batch_size, args.threads, args.steps, args.warmup, args.profile,
+                 parse_overrides(args.overrides), args.ops, args.memory, args.infer)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0

@@ -1,0 +1,46 @@
+"""The `minivit` command: `minivit shapes`, `minivit train`, `minivit eval`, ...
+
+Each subcommand lives in the module that does the work and registers itself here
+through a `register(subparsers)` function.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Modules that define `register(subparsers)`; each adds one subcommand.
+COMMAND_MODULES = [
+    "minivit.predict",
+    "minivit.shapes",
+    "minivit.train",
+    "minivit.bench",
+    "minivit.gradcheck",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="minivit",
+        description="A Vision Transformer with every forward and backward pass written by hand in NumPy.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, KeyError, RuntimeError) as exc:
+        # Bad input from the command line: one clear line, no traceback.
+        print(f"minivit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

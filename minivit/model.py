@@ -1,0 +1,162 @@
+"""The Vision Transformer (Dosovitskiy et al., ICLR 2021), forward and backward by hand.
+
+    images (B, C, S, S)
+      -> patch_embed       (B, G*G, D)   cut into P x P patches, one linear map each
+      -> [CLS] + pos_embed (B, N, D)     N = G*G + 1
+      -> blocks x depth    (B, N, D)     pre-norm attention + MLP, with residuals
+      -> norm, pool        (B, D)        the [CLS] token, or the mean of the patch tokens
+      -> head              (B, K)        logits
+
+Shape legend: B batch, C channels, S image side, P patch side, G = S // P,
+N tokens, D width, K classes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import get_array_module, is_array
+from .config import ViTConfig, get_preset
+from .modules import Block, LayerNorm, Linear, Module, Parameter, PatchEmbed, get_ops
+
+
+def trunc_normal(rng: np.random.Generator, shape, std=0.02, bound=2.0):
+    """Normal(0, std) samples redrawn until all lie within +-bound standard deviations.
+
+    (timm's trunc_normal_(std=.02) cuts at +-2 in absolute units, i.e. +-100 std, which
+    truncates nothing; cutting at +-2 std as here is what the name promises. With
+    std .02 the two differ only in the 4.6% of samples beyond 2 std.)
+    """
+    out = rng.standard_normal(shape)
+    bad = np.abs(out) > bound
+    while bad.any():
+        out[bad] = rng.standard_normal(int(bad.sum()))
+        bad = np.abs(out) > bound
+    return (out * std).astype(np.float32)
+
+
+class ViT(Module):
+    """A Vision Transformer with timm's parameter names.
+
+    ViT(config_or_preset_name, seed=0). `model(images)` returns logits (B, K);
+    `model.backward(dlogits)` adds every parameter's gradient into `.grad` and returns
+    the gradient of the images.
+    """
+
+    def __init__(self, config: ViTConfig | str = "cifar-lesson", seed: int | np.random.Generator = 0):
+        if isinstance(config, str):
+            config = get_preset(config)
+        if not isinstance(config, ViTConfig):
+            raise TypeError(f"ViT expects a ViTConfig or a preset name, got {type(config).__name__}")
+        self.config = cfg = config
+        self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        D = cfg.dim
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D)
+        self.cls_token = Parameter(np.zeros((1, 1, D), np.float32))
+        if cfg.pos_embed == "learned":
+            self.pos_embed = Parameter(np.zeros((1, cfg.num_tokens, D), np.float32))
+        elif cfg.pos_embed == "sincos2d":   # fixed, not trained: a buffer, not a Parameter
+            self.pos_table = get_ops().sincos_2d_pos_embed(D, cfg.grid_size)
+        rates = np.linspace(0.0, cfg.drop_path, cfg.depth) if cfg.depth > 1 else [cfg.drop_path]
+        self.blocks = [
+            Block(D, cfg.heads, cfg.hidden_dim, cfg.qkv_bias, cfg.dropout, cfg.attn_dropout, float(rate),
+                  cfg.gelu, cfg.ln_eps, self.rng)
+            for rate in rates   # stochastic depth grows linearly with depth, as in timm
+        ]
+        self.norm = LayerNorm(D, cfg.ln_eps)
+        self.head = Linear(D, cfg.num_classes) if cfg.num_classes > 0 else None
+        self._cache = None
+        self.init_weights(self.rng)
+
+    def init_weights(self, rng: np.random.Generator):
+        """timm's scheme: truncated normal (std .02) for every weight matrix, the patch
+        embedding and pos_embed; zero biases; LayerNorm scale 1 and shift 0; the [CLS]
+        token normal with std 1e-6 (timm), i.e. it starts near zero."""
+        for name, p in self.named_parameters():
+            xp = get_array_module(p.data)
+            if name == "cls_token":
+                value = (rng.standard_normal(p.shape) * 1e-6).astype(np.float32)
+            elif name == "pos_embed" or (name.endswith(".weight") and p.data.ndim >= 2):
+                value = trunc_normal(rng, p.shape, 0.02)
+            elif name.endswith(".weight"):          # LayerNorm scale
+                value = np.ones(p.shape, np.float32)
+            else:                                   # biases and LayerNorm shift
+                value = np.zeros(p.shape, np.float32)
+            p.data = xp.asarray(value.astype(p.data.dtype))
+            p.grad = None
+
+    def seed(self, seed: int | np.random.Generator):
+        """Give the model (and every block) a new random generator for dropout and drop-path."""
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        for m in self.modules():
+            if hasattr(m, "rng"):
+                m.rng = rng
+        return self
+
+    # ------------------------------------------------------------------ forward / backward
+    def forward(self, x):
+        ops = get_ops()   # fastops, or ops.py after modules.set_ops("reference")
+        self.check_images(x)
+        x = self.patch_embed(x)                                         # (B, G*G, D)
+        pos = getattr(self, "pos_embed", None)
+        pos = pos.data if isinstance(pos, Parameter) else getattr(self, "pos_table", None)
+        x, pos_cache = ops.cls_pos_forward(x, self.cls_token.data, pos)  # (B, N, D)
+        x, drop_cache = ops.dropout_forward(x, self._dropout_mask(x.shape, self.config.dropout, x))
+        for block in self.blocks:
+            x = block(x)                                                # (B, N, D)
+        x = self.norm(x)                                                # (B, N, D)
+        x, pool_cache = ops.pool_forward(x, self.config.pool)           # (B, D)
+        if self.head is not None:
+            x = self.head(x)                                            # (B, K)
+        self._cache = (pos_cache, drop_cache, pool_cache, x.shape)
+        return x
+
+    def backward(self, dout):
+        pos_cache, drop_cache, pool_cache, out_shape = self._check_cache(self._cache)
+        if not is_array(dout) or tuple(dout.shape) != tuple(out_shape):
+            raise ValueError(
+                f"backward expects the gradient of the logits with shape {tuple(out_shape)}, "
+                f"got {getattr(dout, 'shape', type(dout).__name__)}"
+            )
+        self._cache = None
+        ops = get_ops()
+        dx = self.head.backward(dout) if self.head is not None else dout  # (B, D)
+        dx = ops.pool_backward(dx, pool_cache)                          # (B, N, D)
+        dx = self.norm.backward(dx)                                     # (B, N, D)
+        for block in reversed(self.blocks):
+            dx = block.backward(dx)                                     # (B, N, D)
+        dx = ops.dropout_backward(dx, drop_cache)
+        dx, dcls, dpos = ops.cls_pos_backward(dx, pos_cache)            # (B, G*G, D)
+        self.cls_token.accumulate(dcls)
+        if isinstance(getattr(self, "pos_embed", None), Parameter):
+            self.pos_embed.accumulate(dpos)
+        return self.patch_embed.backward(dx)                            # (B, C, S, S)
+
+    # ------------------------------------------------------------------ input checks
+    def check_images(self, x):
+        """Raise a clear error unless x is a finite float batch (B, C, S, S) on the model's device."""
+        cfg = self.config
+        expected = f"(B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size})"
+        if not is_array(x):
+            raise TypeError(f"images must be a NumPy or CuPy array of shape {expected}, got {type(x).__name__}")
+        if x.ndim != 4 or tuple(x.shape[1:]) != (cfg.in_chans, cfg.img_size, cfg.img_size):
+            hint = ""
+            if x.ndim == 4 and x.shape[-1] == cfg.in_chans and x.shape[1] == cfg.img_size:
+                hint = " (channels-last? use x.transpose(0, 3, 1, 2))"
+            elif x.ndim == 3:
+                hint = " (a single image? add a batch axis with x[None])"
+            raise ValueError(f"images must have shape {expected}, got {tuple(x.shape)}{hint}")
+        if x.shape[0] == 0:
+            raise ValueError("images: the batch is empty (B = 0)")
+        if x.dtype.kind != "f":
+            raise TypeError(
+                f"images must be floating point, got dtype {x.dtype} "
+                f"(for uint8 pixels use x.astype(np.float32) / 255 and normalise)"
+            )
+        if x.dtype != self.dtype:
+            raise TypeError(f"images have dtype {x.dtype} but the model is {self.dtype}; "
+                            f"cast one of them (x.astype(...) or model.astype(...))")
+        if get_array_module(x) is not get_array_module(self.cls_token.data):
+            raise ValueError(f"images are on the {'gpu' if get_array_module(x) is not np else 'cpu'} "
+                             f"but the model is on the {self.device}; use model.to(...) or move the images")
+        if not bool(get_array_module(x).isfinite(x).all()):
+            raise ValueError("images contain NaN or infinite values")

@@ -1,0 +1,393 @@
+"""Every op of the Vision Transformer as a pair of pure functions.
+
+    out, cache = op_forward(inputs...)
+    dinputs... = op_backward(dout, cache)
+
+`cache` holds what the backward pass needs from the forward pass. `d<name>` is the
+gradient of the loss with respect to `<name>`. Each backward step names the forward
+line it undoes. The functions work on NumPy and CuPy arrays alike: `xp` is the array
+module of the input (see backend.py). Randomness (dropout) is passed in as a mask so
+the functions stay pure and can be gradient-checked with a fixed mask.
+
+Shape legend:
+    B batch, C channels, S image side, P patch side, G = S // P patches per side,
+    N tokens (G*G patches + 1 [CLS]), D width, H heads, hs head size, F MLP width,
+    K classes, Din / Dout a linear layer's input / output width.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .backend import erf, get_array_module, uniform
+
+
+# ----------------------------------------------------------------------------- linear
+
+def linear_forward(x, w, b=None):
+    """y = x @ w^T + b over the last axis. w is (Dout, Din) as in PyTorch and timm."""
+    out = x @ w.T                                   # (..., Din) @ (Din, Dout) -> (..., Dout)
+    if b is not None:
+        out += b
+    return out, (x, w, b is not None)
+
+
+def linear_backward(dout, cache):
+    """Returns (dx, dw, db); db is None when the layer has no bias."""
+    x, w, has_bias = cache
+    x2 = x.reshape(-1, x.shape[-1])                 # (M, Din), M = all leading axes
+    dout2 = dout.reshape(-1, dout.shape[-1])        # (M, Dout)
+    # forward: out = x @ w^T  =>  dx = dout @ w, dw = dout^T @ x
+    dx = dout @ w                                   # (..., Din)
+    dw = dout2.T @ x2                               # (Dout, Din)
+    # forward: out += b (broadcast over every row)  =>  db = sum of dout over rows
+    db = dout2.sum(axis=0) if has_bias else None    # (Dout,)
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------- patches
+
+def patchify_forward(x, patch_size):
+    """Cut images into non-overlapping patches and flatten each one in (C, P, P) order.
+
+    That order makes a convolution weight (D, C, P, P) reshaped to (D, C*P*P) exactly
+    the weight of a linear layer on these patches: a P x P convolution with stride P
+    *is* a linear layer applied to each patch.
+    """
+    B, C, S, S2 = x.shape
+    P = patch_size
+    G = S // P
+    out = x.reshape(B, C, G, P, G, P)               # (B, C, Gy, P, Gx, P)
+    out = out.transpose(0, 2, 4, 1, 3, 5)           # (B, Gy, Gx, C, P, P)
+    out = out.reshape(B, G * G, C * P * P)          # (B, G*G, C*P*P), patches in row-major order
+    return out, (x.shape, P)
+
+
+def patchify_backward(dout, cache):
+    """Route each patch's gradient back to its pixels (the exact inverse rearrangement)."""
+    (B, C, S, _), P = cache
+    G = S // P
+    # forward: reshape(B, G*G, C*P*P)  =>  split the patch axes again
+    dx = dout.reshape(B, G, G, C, P, P)             # (B, Gy, Gx, C, P, P)
+    # forward: transpose(0, 2, 4, 1, 3, 5)  =>  its inverse permutation
+    dx = dx.transpose(0, 3, 1, 4, 2, 5)             # (B, C, Gy, P, Gx, P)
+    # forward: reshape(B, C, G, P, G, P)  =>  back to images
+    return dx.reshape(B, C, S, S)                   # (B, C, S, S)
+
+
+# ----------------------------------------------------------------------------- [CLS] and positions
+
+def cls_pos_forward(x, cls_token, pos_embed=None):
+    """Prepend the learnable [CLS] token to every sequence, then add position embeddings.
+
+    x (B, G*G, D), cls_token (1, 1, D), pos_embed (1, N, D) or None. Returns (B, N, D).
+    """
+    xp = get_array_module(x)
+    B, _, D = x.shape
+    cls = xp.broadcast_to(cls_token, (B, 1, D))     # (B, 1, D), the same token for every image
+    out = xp.concatenate([cls, x], axis=1)          # (B, N, D)
+    if pos_embed is not None:
+        out += pos_embed                            # (B, N, D), one vector per position
+    return out, (pos_embed is not None,)
+
+
+def cls_pos_backward(dout, cache):
+    """Returns (dx, dcls_token, dpos_embed); dpos_embed is None without position embeddings."""
+    (has_pos,) = cache
+    # forward: out += pos_embed (broadcast over the batch)  =>  sum over the batch
+    dpos = dout.sum(axis=0, keepdims=True) if has_pos else None   # (1, N, D)
+    # forward: out = concatenate([cls, x], axis=1)  =>  split the gradient the same way
+    dx = dout[:, 1:]                                               # (B, G*G, D)
+    # forward: cls = broadcast_to(cls_token, (B, 1, D))  =>  sum over the batch
+    dcls = dout[:, :1].sum(axis=0, keepdims=True)                  # (1, 1, D)
+    return dx, dcls, dpos
+
+
+def sincos_2d_pos_embed(dim, grid_size, xp=np, dtype=np.float32):
+    """Fixed 2D sine-cosine position embeddings (1, 1 + G*G, D), zero for [CLS].
+
+    A quarter of the channels encode the row with sines, a quarter with cosines, and
+    the same for the column, at frequencies 1 / 10000^(i / (D/4)) (MoCo v3, MAE).
+    """
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (np.arange(quarter, dtype=np.float64) / quarter)    # (D/4,)
+    gy, gx = np.meshgrid(np.arange(grid_size), np.arange(grid_size), indexing="ij")
+    ang_y = gy.reshape(-1, 1) * omega                                          # (G*G, D/4)
+    ang_x = gx.reshape(-1, 1) * omega                                          # (G*G, D/4)
+    grid = np.concatenate([np.sin(ang_x), np.cos(ang_x), np.sin(ang_y), np.cos(ang_y)], axis=1)  # (G*G, D)
+    table = np.concatenate([np.zeros((1, dim)), grid], axis=0)[None]           # (1, N, D)
+    return xp.asarray(table.astype(dtype))
+
+
+# ----------------------------------------------------------------------------- LayerNorm
+
+def layernorm_forward(x, w, b, eps=1e-6):
+    """Normalise each token over its D channels, then scale by w and shift by b."""
+    mean = x.mean(axis=-1, keepdims=True)           # (..., 1)
+    xc = x - mean                                   # (..., D)
+    var = (xc * xc).mean(axis=-1, keepdims=True)    # (..., 1), biased variance as in PyTorch
+    rstd = 1.0 / (var + eps) ** 0.5                 # (..., 1)
+    xhat = xc * rstd                                # (..., D)
+    out = xhat * w + b                              # (..., D)
+    return out, (xhat, rstd, w)
+
+
+def layernorm_backward(dout, cache):
+    """Returns (dx, dw, db)."""
+    xhat, rstd, w = cache
+    lead = tuple(range(dout.ndim - 1))
+    # forward: out = xhat * w + b  =>  dw, db sum over every token; dxhat = dout * w
+    dw = (dout * xhat).sum(axis=lead)               # (D,)
+    db = dout.sum(axis=lead)                        # (D,)
+    dxhat = dout * w                                # (..., D)
+    # forward: xhat = (x - mean) * rstd, with mean and rstd themselves functions of x.
+    # Differentiating through both gives the classic three-term formula:
+    #   dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+    dx = dxhat - dxhat.mean(axis=-1, keepdims=True)
+    dx -= xhat * (dxhat * xhat).mean(axis=-1, keepdims=True)
+    dx *= rstd                                      # (..., D)
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------- GELU
+
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def gelu_forward(x, approximate="exact"):
+    """GELU(x) = x * Phi(x), Phi the standard normal CDF.
+
+    "exact" uses erf, as the paper's code and timm do; "tanh" is the approximation
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) used by GPT-2.
+    """
+    if approximate == "exact":
+        phi = 0.5 * (1.0 + erf(x * _SQRT_HALF))     # Phi(x)
+        return x * phi, (x, phi, approximate)
+    if approximate == "tanh":
+        xp = get_array_module(x)
+        t = xp.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x**3))
+        return 0.5 * x * (1.0 + t), (x, t, approximate)
+    raise ValueError(f"gelu approximate must be 'exact' or 'tanh', got {approximate!r}")
+
+
+def gelu_backward(dout, cache):
+    x, saved, approximate = cache
+    xp = get_array_module(x)
+    if approximate == "exact":
+        phi = saved
+        # forward: out = x * Phi(x)  =>  d/dx = Phi(x) + x * pdf(x), pdf(x) = exp(-x^2/2) / sqrt(2 pi)
+        pdf = xp.exp(-0.5 * x * x) * _INV_SQRT_2PI
+        return dout * (phi + x * pdf)
+    t = saved
+    # forward: out = 0.5 x (1 + t), t = tanh(u), u = sqrt(2/pi) (x + 0.044715 x^3)
+    #   =>  d/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx
+    du = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
+    return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du)
+
+
+# ----------------------------------------------------------------------------- softmax
+
+def softmax_forward(x, axis=-1):
+    """exp(x) / sum(exp(x)) along `axis`.
+
+    The maximum is subtracted first: softmax does not change when a constant is added,
+    and it keeps exp() from overflowing (float32 overflows at exp(89)).
+    """
+    xp = get_array_module(x)
+    e = xp.exp(x - x.max(axis=axis, keepdims=True))
+    y = e / e.sum(axis=axis, keepdims=True)
+    return y, (y, axis)
+
+
+def softmax_backward(dout, cache):
+    y, axis = cache
+    # forward: y_i = exp(x_i) / sum_j exp(x_j)  =>  dx_i = y_i * (dy_i - sum_j dy_j y_j)
+    return y * (dout - (dout * y).sum(axis=axis, keepdims=True))
+
+
+# ----------------------------------------------------------------------------- dropout and drop-path
+
+def dropout_mask(shape, p, rng, xp=np, dtype=np.float32):
+    """An inverted-dropout mask: 0 with probability p, else 1 / (1 - p).
+
+    Scaling the kept values by 1 / (1 - p) at training time keeps each activation's
+    expected value unchanged, so evaluation needs no rescaling at all.
+    """
+    keep = uniform(rng, shape, dtype, xp) >= p
+    return keep.astype(dtype) / (1.0 - p)
+
+
+def drop_path_mask(batch, ndim, p, rng, xp=np, dtype=np.float32):
+    """Stochastic depth: one keep-or-drop decision per sample, shaped (B, 1, 1, ...)."""
+    return dropout_mask((batch,) + (1,) * (ndim - 1), p, rng, xp, dtype)
+
+
+def dropout_forward(x, mask=None):
+    """out = x * mask. mask is None in evaluation (the identity). It broadcasts, so a
+    (B, 1, 1) drop-path mask drops whole residual branches per sample."""
+    if mask is None:
+        return x, None
+    return x * mask, mask
+
+
+def dropout_backward(dout, cache):
+    mask = cache
+    # forward: out = x * mask  =>  dx = dout * mask
+    return dout if mask is None else dout * mask
+
+
+# ----------------------------------------------------------------------------- self-attention
+
+def attention_forward(x, qkv_w, qkv_b, proj_w, proj_b, heads, attn_mask=None):
+    """Multi-head self-attention with a fused qkv projection in timm's layout.
+
+    x (B, N, D) -> (B, N, D). qkv_w (3D, D) stacks the q, k and v projections, each
+    ordered head by head, so qkv splits with reshape(B, N, 3, H, hs). attn_mask is an
+    optional dropout mask (B, H, N, N) on the attention probabilities.
+    """
+    B, N, D = x.shape
+    H = heads
+    hs = D // H
+    qkv, qkv_cache = linear_forward(x, qkv_w, qkv_b)           # (B, N, 3D)
+    qkv5 = qkv.reshape(B, N, 3, H, hs).transpose(2, 0, 3, 1, 4)  # (3, B, H, N, hs)
+    q, k, v = qkv5[0], qkv5[1], qkv5[2]                        # each (B, H, N, hs)
+    # Scaling by 1/sqrt(hs) keeps the dot products at unit variance for unit-variance
+    # q and k, so the softmax does not saturate as the head size grows.
+    scale = hs**-0.5
+    att = (q * scale) @ k.swapaxes(-1, -2)                      # (B, H, N, N)
+    att, softmax_cache = softmax_forward(att, axis=-1)          # (B, H, N, N), rows sum to 1
+    att_d, drop_cache = dropout_forward(att, attn_mask)         # (B, H, N, N)
+    y = att_d @ v                                               # (B, H, N, hs)
+    y = y.transpose(0, 2, 1, 3).reshape(B, N, D)                # (B, N, D), heads side by side
+    out, proj_cache = linear_forward(y, proj_w, proj_b)         # (B, N, D)
+    cache = (qkv_cache, q, k, v, scale, softmax_cache, att_d, drop_cache, proj_cache, H)
+    return out, cache
+
+
+def attention_backward(dout, cache):
+    """Returns (dx, dqkv_w, dqkv_b, dproj_w, dproj_b)."""
+    xp = get_array_module(dout)
+    qkv_cache, q, k, v, scale, softmax_cache, att_d, drop_cache, proj_cache, H = cache
+    B, N, D = dout.shape
+    hs = D // H
+    # forward: out = y @ proj_w^T + proj_b
+    dy, dproj_w, dproj_b = linear_backward(dout, proj_cache)     # (B, N, D)
+    # forward: y = y.transpose(0, 2, 1, 3).reshape(B, N, D)
+    dy = dy.reshape(B, N, H, hs).transpose(0, 2, 1, 3)          # (B, H, N, hs)
+    # forward: y = att_d @ v  =>  datt_d = dy @ v^T, dv = att_d^T @ dy
+    datt = dy @ v.swapaxes(-1, -2)                              # (B, H, N, N)
+    dv = att_d.swapaxes(-1, -2) @ dy                            # (B, H, N, hs)
+    # forward: att_d = att * attn_mask
+    datt = dropout_backward(datt, drop_cache)                   # (B, H, N, N)
+    # forward: att = softmax(att)
+    datt = softmax_backward(datt, softmax_cache)                # (B, H, N, N)
+    # forward: att = (q * scale) @ k^T  =>  dq = scale * datt @ k, dk = scale * datt^T @ q
+    dq = (datt @ k) * scale                                     # (B, H, N, hs)
+    dk = (datt.swapaxes(-1, -2) @ q) * scale                    # (B, H, N, hs)
+    # forward: q, k, v = qkv.reshape(B, N, 3, H, hs).transpose(2, 0, 3, 1, 4)
+    dqkv = xp.stack([dq, dk, dv], axis=0)                       # (3, B, H, N, hs)
+    dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(B, N, 3 * D)   # (B, N, 3D)
+    # forward: qkv = x @ qkv_w^T + qkv_b
+    dx, dqkv_w, dqkv_b = linear_backward(dqkv, qkv_cache)      # (B, N, D)
+    return dx, dqkv_w, dqkv_b, dproj_w, dproj_b
+
+
+# ----------------------------------------------------------------------------- MLP
+
+def mlp_forward(x, fc1_w, fc1_b, fc2_w, fc2_b, gelu="exact", drop_mask1=None, drop_mask2=None):
+    """fc1 -> GELU -> dropout -> fc2 -> dropout. x (B, N, D) -> (B, N, D)."""
+    h, fc1_cache = linear_forward(x, fc1_w, fc1_b)              # (B, N, F)
+    h, gelu_cache = gelu_forward(h, gelu)                       # (B, N, F)
+    h, drop1_cache = dropout_forward(h, drop_mask1)             # (B, N, F)
+    out, fc2_cache = linear_forward(h, fc2_w, fc2_b)            # (B, N, D)
+    out, drop2_cache = dropout_forward(out, drop_mask2)         # (B, N, D)
+    return out, (fc1_cache, gelu_cache, drop1_cache, fc2_cache, drop2_cache)
+
+
+def mlp_backward(dout, cache):
+    """Returns (dx, dfc1_w, dfc1_b, dfc2_w, dfc2_b)."""
+    fc1_cache, gelu_cache, drop1_cache, fc2_cache, drop2_cache = cache
+    dout = dropout_backward(dout, drop2_cache)                  # forward: out = dropout(out)
+    dh, dfc2_w, dfc2_b = linear_backward(dout, fc2_cache)       # forward: out = fc2(h)
+    dh = dropout_backward(dh, drop1_cache)                      # forward: h = dropout(h)
+    dh = gelu_backward(dh, gelu_cache)                          # forward: h = gelu(h)
+    dx, dfc1_w, dfc1_b = linear_backward(dh, fc1_cache)         # forward: h = fc1(x)
+    return dx, dfc1_w, dfc1_b, dfc2_w, dfc2_b
+
+
+# ----------------------------------------------------------------------------- pooling
+
+def pool_forward(x, mode="cls"):
+    """(B, N, D) -> (B, D): the [CLS] token's output, or the mean of the patch tokens."""
+    if mode == "cls":
+        return x[:, 0], (mode, x.shape)                         # (B, D)
+    if mode == "mean":
+        return x[:, 1:].mean(axis=1), (mode, x.shape)           # (B, D), [CLS] left out as in timm
+    raise ValueError(f"pool mode must be 'cls' or 'mean', got {mode!r}")
+
+
+def pool_backward(dout, cache):
+    mode, shape = cache
+    xp = get_array_module(dout)
+    dx = xp.zeros(shape, dtype=dout.dtype)                     # (B, N, D)
+    if mode == "cls":
+        dx[:, 0] = dout                                         # forward: out = x[:, 0]
+    else:
+        dx[:, 1:] = dout[:, None, :] / (shape[1] - 1)           # forward: out = mean(x[:, 1:])
+    return dx
+
+
+# ----------------------------------------------------------------------------- loss
+
+def check_labels(labels, logits):
+    """Labels must be integer class indices, one per row of logits, each in [0, K)."""
+    xp = get_array_module(logits)
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be (B, K), got shape {tuple(logits.shape)}")
+    B, K = logits.shape
+    if B == 0:
+        raise ValueError("cannot compute a loss on an empty batch (logits have 0 rows)")
+    if not hasattr(labels, "dtype") or get_array_module(labels) is not xp:
+        raise TypeError(
+            f"labels must be a {xp.__name__} integer array on the same device as the logits, "
+            f"got {type(labels).__name__}"
+        )
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"labels must be integers (class indices), got dtype {labels.dtype}")
+    if labels.shape != (B,):
+        raise ValueError(f"labels must have shape ({B},) to match logits {tuple(logits.shape)}, got {tuple(labels.shape)}")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= K:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"label {bad} is out of range: labels must be in [0, {K}) for {K} classes")
+
+
+def cross_entropy_forward(logits, labels, label_smoothing=0.0):
+    """Mean softmax cross-entropy over the batch. logits (B, K), labels (B,) integers.
+
+    With label smoothing s the target is (1 - s) on the true class plus s / K on every
+    class. log-softmax is computed as x - max - log(sum(exp(x - max))), which never
+    overflows and never takes the log of 0.
+    """
+    xp = get_array_module(logits)
+    check_labels(labels, logits)
+    B, K = logits.shape
+    shifted = logits - logits.max(axis=1, keepdims=True)        # (B, K), max is 0
+    logsumexp = xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))  # (B, 1)
+    logp = shifted - logsumexp                                  # (B, K), log-probabilities
+    target = xp.full((B, K), label_smoothing / K, dtype=logits.dtype)  # (B, K)
+    target[xp.arange(B), labels] += 1.0 - label_smoothing
+    loss = -(target * logp).sum() / B                           # scalar
+    return loss, (logp, target)
+
+
+def cross_entropy_backward(cache, dloss=1.0):
+    """Gradient of the mean loss with respect to the logits: (softmax - target) / B."""
+    logp, target = cache
+    xp = get_array_module(logp)
+    B = logp.shape[0]
+    # forward: loss = -sum(target * log_softmax(logits)) / B, and sum(target) = 1 per row
+    return (xp.exp(logp) - target) * (dloss / B)                # (B, K)

@@ -1,0 +1,379 @@
+"""Optimisers, a learning-rate schedule and gradient clipping, written out by hand.
+
+Each optimiser reproduces its PyTorch namesake exactly (tests/test_optim.py compares
+them step by step in float64). With g the gradient, p the parameter, lr the learning
+rate, wd the weight decay and t the step count of that parameter (starting at 1):
+
+SGD (torch.optim.SGD, dampening 0)
+    g <- g + wd * p                      weight decay is added to the gradient ("L2")
+    b <- g                  at t = 1     the momentum buffer starts at the first gradient
+    b <- mu * b + g         at t > 1
+    d <- g + mu * b  (Nesterov)  or  d <- b  (classic momentum)  or  d <- g  (mu = 0)
+    p <- p - lr * d
+
+AdamW (torch.optim.AdamW, Loshchilov & Hutter 2019)
+    p <- p * (1 - lr * wd)               decoupled decay: shrink the weights directly
+    m <- beta1 * m + (1 - beta1) * g     moving average of the gradient
+    v <- beta2 * v + (1 - beta2) * g^2   moving average of its square
+    m_hat = m / (1 - beta1^t),  v_hat = v / (1 - beta2^t)     bias correction
+    p <- p - lr * m_hat / (sqrt(v_hat) + eps)
+
+Weight decay is normally kept off biases, LayerNorm parameters, `pos_embed` and
+`cls_token` (`param_groups` below). Parameters whose `.grad` is None are skipped: they
+are neither moved nor decayed, and their state (step count, moving averages) waits.
+
+State arrays live on the parameter's device (NumPy or CuPy) and have its dtype; the
+hyperparameters are kept as Python floats, because with NumPy 2 an np.float64 scalar
+would silently turn a float32 update into float64.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from .backend import get_array_module, is_array, to_numpy
+from .modules import Module, Parameter
+
+# Never decayed, whatever their shape (timm's ViT.no_weight_decay()).
+NO_DECAY_NAMES = ("pos_embed", "cls_token")
+
+
+def _check_number(name, value, low=0.0, high=math.inf, high_open=False):
+    """value as a Python float, or a ValueError/TypeError that names it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
+    value = float(value)   # a Python float: keeps float32 arithmetic in float32
+    if not (low <= value <= high) or (high_open and value == high):
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value!r}")
+    return value
+
+
+def _check_int(name, value, low=0):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+    return int(value)
+
+
+def param_groups(model: Module, weight_decay: float, no_decay_names=NO_DECAY_NAMES) -> list[dict]:
+    """Split a model's parameters into a decayed and a non-decayed group, by name.
+
+    Decayed: weight matrices and the patch-embedding kernel (2-D and up). Not decayed:
+    every 1-D parameter (biases, LayerNorm scale and shift), any `*.bias`, and the names
+    in `no_decay_names` (`pos_embed`, `cls_token`). Shrinking a LayerNorm scale or a bias
+    towards 0 does not make the model simpler, it only fights the fit.
+
+    Returns [{"params": decayed, "weight_decay": weight_decay},
+             {"params": others, "weight_decay": 0.0}], leaving out an empty group.
+    """
+    if not isinstance(model, Module):
+        raise TypeError(f"param_groups expects a minivit Module, got {type(model).__name__}")
+    weight_decay = _check_number("weight_decay", weight_decay)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        last = name.rsplit(".", 1)[-1]
+        if p.data.ndim <= 1 or last == "bias" or last in no_decay_names:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class Optimizer:
+    """What SGD and AdamW share: parameter groups, `lr`, `step()`, checkpoints.
+
+    `params` is a list of Parameters, or a list of groups {"params": [...], "weight_decay": wd}
+    (a group without "weight_decay" uses the optimiser's). `lr` is one number for all
+    groups and may be set between steps: `opt.lr = warmup_cosine(...)`.
+
+    Subclasses name their per-parameter state in `state_names` and write `_update`.
+    """
+
+    state_names: tuple[str, ...] = ()
+
+    def __init__(self, params, lr, weight_decay):
+        self.lr = lr
+        weight_decay = _check_number("weight_decay", weight_decay)
+        if isinstance(params, (Module, Parameter)):
+            raise TypeError(
+                f"{type(self).__name__} expects a list of Parameters or of parameter groups, got a "
+                f"{type(params).__name__}; pass model.parameters() or param_groups(model, weight_decay)"
+            )
+        params = list(params)
+        if params and all(isinstance(g, dict) for g in params):
+            groups = params
+        elif all(isinstance(p, Parameter) for p in params):
+            groups = [{"params": params}]
+        else:
+            kinds = sorted({type(p).__name__ for p in params})
+            raise TypeError(f"params must be all Parameters or all group dicts, got {kinds}")
+
+        self.param_groups = []
+        self.params, self.weight_decays = [], []   # flat, in group order: index i names a parameter
+        for k, group in enumerate(groups):
+            unknown = set(group) - {"params", "weight_decay"}
+            if unknown:
+                raise ValueError(f"parameter group {k} has unknown keys {sorted(unknown)}; "
+                                 "allowed: 'params', 'weight_decay'")
+            if "params" not in group:
+                raise ValueError(f"parameter group {k} has no 'params' key")
+            group_params = list(group["params"])
+            for p in group_params:
+                if not isinstance(p, Parameter):
+                    raise TypeError(f"parameter group {k} holds a {type(p).__name__}, not a Parameter")
+            wd = _check_number(f"weight_decay of group {k}", group.get("weight_decay", weight_decay))
+            self.param_groups.append({"params": group_params, "weight_decay": wd})
+            self.params += group_params
+            self.weight_decays += [wd] * len(group_params)
+        if not self.params:
+            raise ValueError(f"{type(self).__name__} got an empty parameter list")
+        if len({id(p) for p in self.params}) != len(self.params):
+            raise ValueError("some parameters appear more than once (in one group or in two)")
+        self.state = [{} for _ in self.params]   # state[i] belongs to self.params[i]
+
+    @property
+    def lr(self) -> float:
+        return self._lr
+
+    @lr.setter
+    def lr(self, value):
+        self._lr = _check_number("lr", value)
+
+    def step(self):
+        """Update every parameter that has a gradient, in place."""
+        for p, wd, state in zip(self.params, self.weight_decays, self.state):
+            if p.grad is None:   # unused this step, or frozen: leave it and its state alone
+                continue
+            if p.grad.shape != p.data.shape:
+                raise ValueError(f"gradient shape {p.grad.shape} does not match parameter shape {p.data.shape}")
+            self._update(p, p.grad, state, wd)
+
+    def _update(self, p, g, state, weight_decay):
+        raise NotImplementedError
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """A flat dict: JSON-able scalars plus NumPy arrays (copies), keyed "<state>.<index>".
+
+        {"optimizer": "AdamW", "lr": 0.001, "group_sizes": [24, 52],
+         "step.0": 3, "exp_avg.0": array, "exp_avg_sq.0": array, ...}
+
+        Index i is the i-th parameter in the optimiser's own order (groups one after the
+        other), so build the optimiser the same way before loading. A parameter that never
+        had a gradient has no entries. Save the arrays with np.savez, the rest as JSON.
+        """
+        out = {
+            "optimizer": type(self).__name__,
+            "lr": self.lr,
+            "group_sizes": [len(g["params"]) for g in self.param_groups],
+        }
+        for i, state in enumerate(self.state):
+            for name, value in state.items():
+                # copy, so that later steps cannot change a state that was already taken
+                out[f"{name}.{i}"] = np.array(to_numpy(value)) if is_array(value) else value
+        return out
+
+    def load_state_dict(self, state: dict):
+        """Restore lr and every parameter's state. Everything is checked first (optimiser
+        type, parameter counts, keys, shapes), so a failed load changes nothing."""
+        if not isinstance(state, dict):
+            raise TypeError(f"load_state_dict expects a dict, got {type(state).__name__}")
+        name = type(self).__name__
+        if state.get("optimizer") != name:
+            raise ValueError(f"state is for optimizer {state.get('optimizer')!r}, not {name!r}")
+        sizes = [len(g["params"]) for g in self.param_groups]
+        saved_sizes = [int(n) for n in state.get("group_sizes", [])]
+        if saved_sizes != sizes:
+            raise ValueError(f"state has parameter groups of sizes {saved_sizes} ({sum(saved_sizes)} parameters), "
+                             f"this optimizer has {sizes} ({sum(sizes)} parameters)")
+        lr = _check_number("lr", state.get("lr"))
+
+        staged = [{} for _ in self.params]
+        for key, value in state.items():
+            if key in ("optimizer", "lr", "group_sizes"):
+                continue
+            what, _, index = key.rpartition(".")
+            if what not in self.state_names or not index.isdigit() or int(index) >= len(self.params):
+                raise ValueError(f"unexpected key {key!r} in {name} state "
+                                 f"(expected <name>.<index> with name in {self.state_names}, "
+                                 f"index < {len(self.params)})")
+            i = int(index)
+            p = self.params[i]
+            if what == "step":
+                staged[i][what] = _check_int(key, value, low=1)
+            else:
+                if not hasattr(value, "shape") or tuple(value.shape) != tuple(p.data.shape):
+                    shape = getattr(value, "shape", type(value).__name__)
+                    raise ValueError(f"{key}: saved shape {shape} does not match parameter shape {p.data.shape}")
+                staged[i][what] = value
+        for i, st in enumerate(staged):
+            if st and set(st) != set(self.state_names):
+                raise ValueError(f"state of parameter {i} is incomplete: has {sorted(st)}, "
+                                 f"needs {list(self.state_names)}")
+
+        self.lr = lr
+        for i, st in enumerate(staged):
+            p = self.params[i]
+            xp = get_array_module(p.data)
+            new = {}
+            for what, value in st.items():
+                if what == "step":
+                    new[what] = value
+                else:   # a fresh array on the parameter's device, in its dtype
+                    new[what] = xp.zeros_like(p.data)
+                    new[what][...] = xp.asarray(value)
+            self.state[i] = new
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional (Nesterov) momentum, as torch.optim.SGD."""
+
+    state_names = ("momentum_buffer",)
+
+    def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
+        super().__init__(params, lr, weight_decay)
+        self.momentum = _check_number("momentum", momentum)
+        if not isinstance(nesterov, bool):
+            raise TypeError(f"nesterov must be True or False, got {nesterov!r}")
+        if nesterov and self.momentum == 0:
+            raise ValueError("nesterov=True needs momentum > 0")
+        self.nesterov = nesterov
+        if self.momentum == 0:
+            self.state_names = ()   # plain SGD keeps no state
+
+    def _update(self, p, g, state, weight_decay):
+        xp = get_array_module(p.data)
+        # L2 weight decay is the gradient of wd/2 * |p|^2, added to g (a new array:
+        # p.grad itself is left as the backward pass wrote it).
+        if weight_decay != 0:
+            g = g + weight_decay * p.data
+        if self.momentum != 0:
+            if "momentum_buffer" not in state:
+                # torch starts the buffer at the first gradient (not at 0), so the first
+                # step is a plain SGD step rather than one (1 - mu) times too small.
+                buf = xp.zeros_like(p.data)
+                buf[...] = g
+                state["momentum_buffer"] = buf
+            else:
+                buf = state["momentum_buffer"]
+                buf *= self.momentum   # b <- mu * b + g, in place
+                buf += g
+            # Nesterov looks ahead: step along g plus the momentum that will follow.
+            g = g + self.momentum * buf if self.nesterov else buf
+        p.data -= self.lr * g
+
+
+class AdamW(Optimizer):
+    """Adam with decoupled weight decay, as torch.optim.AdamW."""
+
+    state_names = ("step", "exp_avg", "exp_avg_sq")
+
+    def __init__(self, params, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01):
+        super().__init__(params, lr, weight_decay)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        self.betas = (_check_number("beta1", betas[0], 0.0, 1.0, high_open=True),
+                      _check_number("beta2", betas[1], 0.0, 1.0, high_open=True))
+        self.eps = _check_number("eps", eps)
+
+    def _update(self, p, g, state, weight_decay):
+        xp = get_array_module(p.data)
+        beta1, beta2 = self.betas
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = xp.zeros_like(p.data)
+            state["exp_avg_sq"] = xp.zeros_like(p.data)
+        state["step"] += 1   # per parameter: one skipped while its grad was None lags behind
+        t = state["step"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+
+        # Decoupled weight decay: shrink p itself. Added to g (as in SGD) it would be
+        # divided by sqrt(v) below, so weights with large gradients would hardly decay.
+        if weight_decay != 0:
+            p.data *= 1 - self.lr * weight_decay
+
+        m *= beta1                   # m <- beta1 * m + (1 - beta1) * g, in place
+        m += (1 - beta1) * g
+        v *= beta2                   # v <- beta2 * v + (1 - beta2) * g^2, in place
+        v += (1 - beta2) * (g * g)
+
+        # m and v start at 0, so after t steps they are too small by a factor
+        # (1 - beta^t); dividing it out makes the first steps the right size.
+        bias_correction1 = 1 - beta1 ** t
+        bias_correction2 = 1 - beta2 ** t
+        step = xp.sqrt(v)                            # one scratch array, reused:
+        step /= math.sqrt(bias_correction2)          #   sqrt(v_hat)
+        step += self.eps                             #   sqrt(v_hat) + eps
+        xp.divide(m, step, out=step)                 #   m / (sqrt(v_hat) + eps)
+        step *= self.lr / bias_correction1           #   lr * m_hat / (sqrt(v_hat) + eps)
+        p.data -= step
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0) -> float:
+    """The learning rate at `step` (0-based): linear warmup, then cosine decay.
+
+    Steps 0 .. warmup_steps-1 rise linearly, base_lr * (step + 1) / warmup_steps, so the
+    first step is small but not zero and the last warmup step reaches base_lr. Then
+        lr = min_lr + (base_lr - min_lr) * (1 + cos(pi * progress)) / 2,
+        progress = (step - warmup_steps) / (total_steps - warmup_steps),
+    which is base_lr at step == warmup_steps and min_lr at step == total_steps.
+    Warmup keeps Adam's first, noisy steps small while its averages settle.
+    """
+    total_steps = _check_int("total_steps", total_steps, low=1)
+    warmup_steps = _check_int("warmup_steps", warmup_steps, low=0)
+    step = _check_int("step", step, low=0)
+    base_lr = _check_number("base_lr", base_lr)
+    min_lr = _check_number("min_lr", min_lr)
+    if warmup_steps > total_steps:
+        raise ValueError(f"warmup_steps ({warmup_steps}) must not exceed total_steps ({total_steps})")
+    if step > total_steps:
+        raise ValueError(f"step ({step}) is past total_steps ({total_steps})")
+    if min_lr > base_lr:
+        raise ValueError(f"min_lr ({min_lr}) must not exceed base_lr ({base_lr})")
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if total_steps == warmup_steps:   # all warmup, no room left to decay
+        return base_lr
+    progress = (step - warmup_steps) / (total_steps - warmup_steps)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Scale all gradients together so their global L2 norm is at most max_norm.
+
+    As torch.nn.utils.clip_grad_norm_: total = sqrt(sum over parameters of |g|^2), and
+    every gradient is multiplied by max_norm / (total + 1e-6) when that is below 1.
+    Scaling all of them by one factor keeps the direction of the update. Parameters
+    without a gradient are skipped. Returns the norm before clipping, as a float (a
+    non-finite value is returned as is, so the training loop can notice it).
+    """
+    max_norm = _check_number("max_norm", max_norm)
+    if max_norm == 0 or math.isinf(max_norm):
+        raise ValueError(f"max_norm must be positive and finite, got {max_norm!r}")
+    if isinstance(params, Parameter):
+        params = [params]
+    grads = []
+    for p in params:
+        if not isinstance(p, Parameter):
+            raise TypeError(f"clip_grad_norm expects Parameters, got a {type(p).__name__}")
+        if p.grad is not None:
+            grads.append(p.grad)
+    if not grads:
+        return 0.0
+    xp = get_array_module(grads[0])
+    # vdot(g, g) = |g|^2 without a temporary g*g; summed on the device, one transfer at the end.
+    total = math.sqrt(float(sum(xp.vdot(g.ravel(), g.ravel()) for g in grads)))
+    factor = max_norm / (total + 1e-6)
+    if factor < 1:
+        for g in grads:
+            g *= factor
+    return total

@@ -1,0 +1,86 @@
+"""`minivit predict`: classify images with pretrained weights.
+
+    minivit predict --weights vit-base-patch16-224/ cat.jpg dog.png --top 5
+
+The weights are anything load_pretrained reads (a Hugging Face directory, a timm
+safetensors file, the paper's .npz). Each image is read with Pillow, converted to RGB,
+resized to the checkpoint's S x S with bilinear filtering (as transformers'
+ViTImageProcessor does: no crop), scaled to [0, 1] and normalised with the checkpoint's
+mean and std. One forward pass per image; the top classes are printed with their
+softmax probabilities.
+
+Shape legend: C channels, S image side, K classes.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import ops
+from .pretrained import load_pretrained
+
+
+def register(subparsers):
+    parser = subparsers.add_parser(
+        "predict",
+        help="classify images with pretrained weights",
+        description="Classify images with a pretrained ViT (Hugging Face directory, timm .safetensors or the paper's .npz).",
+    )
+    parser.add_argument("--weights", required=True, metavar="PATH",
+                        help="checkpoint: a Hugging Face directory, a .safetensors file or an .npz file")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
+    parser.add_argument("--top", type=int, default=5, help="how many classes to print per image (default 5)")
+    parser.set_defaults(func=run)
+
+
+def read_image(path):
+    """Open an image with Pillow and decode it fully, with one clear error if that fails."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        with Image.open(path) as img:
+            img.load()          # decode now: a truncated file fails here, not later
+            return img.copy()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {str(path)!r}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        # UnidentifiedImageError: not an image Pillow knows; OSError: truncated or a directory;
+        # SyntaxError / ValueError: some plugins report broken headers this way.
+        raise ValueError(f"cannot read image {str(path)!r}: {exc}") from None
+
+
+def preprocess(img, size, mean, std, channels=3):
+    """PIL image -> normalised float32 array (C, S, S)."""
+    from PIL import Image
+    img = img.convert("RGB" if channels == 3 else "L")
+    img = img.resize((size, size), Image.Resampling.BILINEAR)
+    x = np.asarray(img, dtype=np.float32) / 255.0                  # (S, S, C) or (S, S), in [0, 1]
+    if x.ndim == 2:
+        x = x[:, :, None]                                         # (S, S, 1)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))             # (C, S, S)
+
+
+def top_classes(probs, k, class_names=None):
+    """[(name, probability)] of the k most probable classes, most probable first."""
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [(class_names[i] if class_names else f"class {i}", float(probs[i])) for i in order]
+
+
+def run(args):
+    if args.top < 1:
+        raise ValueError(f"--top must be at least 1, got {args.top}")
+    # Read every image before the (slow) weight load, so a typo fails at once.
+    images = [(path, read_image(path)) for path in args.images]
+    model, meta = load_pretrained(args.weights)
+    cfg = model.config
+    if cfg.num_classes == 0:
+        raise ValueError(f"{args.weights!r} has no classification head (num_classes = 0); nothing to predict")
+    model.eval()
+    k = min(args.top, cfg.num_classes)
+    for path, img in images:
+        x = preprocess(img, cfg.img_size, meta["mean"], meta["std"], cfg.in_chans)[None]   # (1, C, S, S)
+        logits = model(x)                                                                # (1, K)
+        probs, _ = ops.softmax_forward(logits.astype(np.float64), axis=-1)               # (1, K)
+        print(path)
+        for name, p in top_classes(probs[0], k, meta["class_names"]):
+            print(f"  {p:7.2%}  {name}")
+    return 0

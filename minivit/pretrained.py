@@ -1,0 +1,845 @@
+"""Real ViT weights in minivit: load them from three published layouts, save them for two.
+
+The same network is stored under three sets of names. Each gets one table below that
+maps it onto minivit's parameter names (which are timm's):
+
+    format  what is on disk                                  who writes it
+    hf      a directory: config.json + model.safetensors     Hugging Face transformers (google/vit-base-patch16-224)
+    timm    one .safetensors file with timm's names          timm, and save_pretrained(format="timm") here
+    npz     one .npz file with Flax's names                  the paper's release (google-research/vision_transformer)
+
+    model, meta = load_pretrained("vit-base-patch16-224/")          # format detected from the files
+    model, meta = load_pretrained(path, num_classes=10, img_size=384)  # fine-tuning: new head, resampled positions
+    save_pretrained(model, "vit.safetensors")                        # timm names, config in the file's metadata
+
+Nothing is unpickled: safetensors files are read with safetensors' NumPy API and .npz
+files with np.load(..., allow_pickle=False). PyTorch .bin / .pth files are pickles
+(loading one can run arbitrary code) and are refused.
+
+Shape legend: B batch, C channels, S image side, P patch side, G = S // P patches per
+side, N = 1 + G*G tokens, D width, H heads, hs head size (D // H), F MLP width, K classes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .backend import get_array_module, to_numpy
+from .config import ViTConfig
+from .model import ViT
+
+FORMATS = ("hf", "timm", "npz")
+SAVE_FORMATS = ("timm", "hf")
+
+# The paper's models (and google/vit-base-patch16-224's preprocessor) scale pixels to [-1, 1]:
+# x = (x / 255 - 0.5) / 0.5. Used when a checkpoint does not say otherwise.
+DEFAULT_MEAN = 0.5
+DEFAULT_STD = 0.5
+
+
+# ============================================================================= converters
+# Small functions that turn one layout's arrays into minivit's. Each raises ValueError on a
+# wrong number of axes; the table code adds which checkpoint key it came from.
+
+def _expect_ndim(a, ndim):
+    if a.ndim != ndim:
+        raise ValueError(f"expected {ndim} axes, got shape {tuple(a.shape)}")
+
+
+def _same(a):
+    return a
+
+
+def _stack_rows(*weights):
+    """q, k, v projections -> timm's fused qkv: rows of q, then of k, then of v.
+
+    Each (D, D) weight (or (D,) bias) is already ordered head by head (head 0's hs rows,
+    then head 1's, ...), which is exactly the order timm's reshape(B, N, 3, H, hs) expects.
+    """
+    return np.concatenate(weights, axis=0)                # (3D, D) or (3D,)
+
+
+def _dense_to_linear(kernel):
+    """Flax Dense kernel (Din, Dout), used as x @ kernel -> Linear weight (Dout, Din), used as x @ w^T."""
+    _expect_ndim(kernel, 2)
+    return kernel.T
+
+
+def _conv_hwio_to_oihw(kernel):
+    """Flax Conv kernel (P, P, C, D), height-width-in-out -> PyTorch's (D, C, P, P)."""
+    _expect_ndim(kernel, 4)
+    return kernel.transpose(3, 2, 0, 1)                   # (D, C, P, P)
+
+
+def _heads_in_to_qkv(q, k, v):
+    """Flax's per-head query/key/value kernels, each (D, H, hs) -> fused qkv weight (3D, D).
+
+    Flax computes q[..., h, j] = sum_d x[..., d] * kernel[d, h, j]. Flattening (H, hs) to
+    H*hs keeps heads in order, so kernel.reshape(D, H*hs).T is the Linear weight for q.
+    """
+    for w in (q, k, v):
+        _expect_ndim(w, 3)
+    return np.concatenate([w.reshape(w.shape[0], -1).T for w in (q, k, v)], axis=0)  # (3D, D)
+
+
+def _head_biases_to_qkv(q, k, v):
+    """Flax's per-head biases, each (H, hs) -> fused qkv bias (3D,)."""
+    for b in (q, k, v):
+        _expect_ndim(b, 2)
+    return np.concatenate([b.reshape(-1) for b in (q, k, v)])                       # (3D,)
+
+
+def _heads_out_to_linear(kernel):
+    """Flax's output projection (H, hs, D): out = sum_{h,j} y[h, j] kernel[h, j, :] -> Linear weight (D, H*hs)."""
+    _expect_ndim(kernel, 3)
+    H, hs, D = kernel.shape
+    return kernel.reshape(H * hs, D).T                    # (D, D)
+
+
+# ============================================================================= the three tables
+# Each row: (minivit name, checkpoint name(s), converter). A row with several checkpoint
+# names feeds all of them to the converter (q, k and v become one fused qkv).
+
+# ---- Hugging Face transformers. Keys of ViTForImageClassification start with "vit." (the
+# classifier does not); a bare ViTModel file has no prefix. Both are accepted.
+HF_TOP = [
+    # minivit (timm) name          Hugging Face name
+    ("cls_token",                  "embeddings.cls_token"),
+    ("pos_embed",                  "embeddings.position_embeddings"),
+    ("patch_embed.proj.weight",    "embeddings.patch_embeddings.projection.weight"),
+    ("patch_embed.proj.bias",      "embeddings.patch_embeddings.projection.bias"),
+    ("norm.weight",                "layernorm.weight"),
+    ("norm.bias",                  "layernorm.bias"),
+]
+HF_HEAD = [
+    ("head.weight",                "classifier.weight"),
+    ("head.bias",                  "classifier.bias"),
+]
+# Block i lives under "encoder.layer.{i}." in published checkpoints (and in the files that
+# transformers 5's save_pretrained writes: it renames on the way out), but under
+# "layers.{i}." with new module names in transformers 5's memory (model.state_dict()).
+HF_BLOCK_PREFIX = {"published": "encoder.layer.{i}.", "transformers5": "layers.{i}."}
+HF_BLOCK = [
+    # minivit name      published checkpoints                         transformers 5 in memory
+    ("norm1.weight",    ("layernorm_before.weight",),                 ("layernorm_before.weight",)),
+    ("norm1.bias",      ("layernorm_before.bias",),                   ("layernorm_before.bias",)),
+    ("attn.qkv.weight", ("attention.attention.query.weight",
+                         "attention.attention.key.weight",
+                         "attention.attention.value.weight"),         ("attention.q_proj.weight",
+                                                                       "attention.k_proj.weight",
+                                                                       "attention.v_proj.weight")),
+    ("attn.qkv.bias",   ("attention.attention.query.bias",
+                         "attention.attention.key.bias",
+                         "attention.attention.value.bias"),           ("attention.q_proj.bias",
+                                                                       "attention.k_proj.bias",
+                                                                       "attention.v_proj.bias")),
+    ("attn.proj.weight", ("attention.output.dense.weight",),          ("attention.o_proj.weight",)),
+    ("attn.proj.bias",  ("attention.output.dense.bias",),             ("attention.o_proj.bias",)),
+    ("norm2.weight",    ("layernorm_after.weight",),                  ("layernorm_after.weight",)),
+    ("norm2.bias",      ("layernorm_after.bias",),                    ("layernorm_after.bias",)),
+    ("mlp.fc1.weight",  ("intermediate.dense.weight",),               ("mlp.fc1.weight",)),
+    ("mlp.fc1.bias",    ("intermediate.dense.bias",),                 ("mlp.fc1.bias",)),
+    ("mlp.fc2.weight",  ("output.dense.weight",),                     ("mlp.fc2.weight",)),
+    ("mlp.fc2.bias",    ("output.dense.bias",),                       ("mlp.fc2.bias",)),
+]
+# ViTModel's pooler (dense + tanh on [CLS]) is not used by ViTForImageClassification.
+HF_IGNORED_PREFIXES = ("pooler.",)
+# Hugging Face's activation names -> minivit's GELU kinds. "gelu" is exact (erf); the others
+# are all 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), written in different ways.
+HF_GELU = {
+    "gelu": "exact", "gelu_python": "exact",
+    "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_python_tanh": "tanh",
+    "gelu_fast": "tanh", "gelu_accurate": "tanh",
+}
+# What transformers' ViTConfig assumes for a key that config.json leaves out.
+HF_CONFIG_DEFAULTS = {
+    "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072,
+    "hidden_act": "gelu", "layer_norm_eps": 1e-12, "image_size": 224, "patch_size": 16,
+    "num_channels": 3, "qkv_bias": True,
+}
+
+# ---- The paper's .npz release. Flax names a layer by its class and its position in the
+# parent (LayerNorm_0, MultiHeadDotProductAttention_1, LayerNorm_2, MlpBlock_3), and stores
+# Dense kernels as (Din, Dout) and attention kernels per head.
+NPZ_TOP = [
+    # minivit name               npz name                                        converter
+    ("cls_token",                ("cls",),                                       _same),
+    ("pos_embed",                ("Transformer/posembed_input/pos_embedding",),  _same),
+    ("patch_embed.proj.weight",  ("embedding/kernel",),                          _conv_hwio_to_oihw),
+    ("patch_embed.proj.bias",    ("embedding/bias",),                            _same),
+    ("norm.weight",              ("Transformer/encoder_norm/scale",),            _same),
+    ("norm.bias",                ("Transformer/encoder_norm/bias",),             _same),
+]
+NPZ_HEAD = [
+    ("head.weight",              ("head/kernel",),                               _dense_to_linear),
+    ("head.bias",                ("head/bias",),                                 _same),
+]
+NPZ_BLOCK_PREFIX = "Transformer/encoderblock_{i}/"
+_MHA = "MultiHeadDotProductAttention_1/"
+NPZ_BLOCK = [
+    ("norm1.weight",     ("LayerNorm_0/scale",),                                      _same),
+    ("norm1.bias",       ("LayerNorm_0/bias",),                                       _same),
+    ("attn.qkv.weight",  (_MHA + "query/kernel", _MHA + "key/kernel", _MHA + "value/kernel"), _heads_in_to_qkv),
+    ("attn.qkv.bias",    (_MHA + "query/bias", _MHA + "key/bias", _MHA + "value/bias"),       _head_biases_to_qkv),
+    ("attn.proj.weight", (_MHA + "out/kernel",),                                      _heads_out_to_linear),
+    ("attn.proj.bias",   (_MHA + "out/bias",),                                        _same),
+    ("norm2.weight",     ("LayerNorm_2/scale",),                                      _same),
+    ("norm2.bias",       ("LayerNorm_2/bias",),                                       _same),
+    ("mlp.fc1.weight",   ("MlpBlock_3/Dense_0/kernel",),                              _dense_to_linear),
+    ("mlp.fc1.bias",     ("MlpBlock_3/Dense_0/bias",),                                _same),
+    ("mlp.fc2.weight",   ("MlpBlock_3/Dense_1/kernel",),                              _dense_to_linear),
+    ("mlp.fc2.bias",     ("MlpBlock_3/Dense_1/bias",),                                _same),
+]
+
+# ---- timm: minivit uses timm's names, so its table is the identity (every parameter of the
+# model, under its own name). timm's files carry no config, so the number of heads, which
+# no shape reveals, comes from the file's metadata, a config.json beside it, or the caller.
+TIMM_HEADS_BY_ARCH = {"vit_tiny": 3, "vit_small": 6, "vit_base": 12, "vit_large": 16, "vit_huge": 16}
+
+
+# ============================================================================= loading
+
+def load_pretrained(path, num_classes: int | None = None, img_size: int | None = None, seed: int = 0,
+                    heads: int | None = None):
+    """Build a ViT from a checkpoint in any of FORMATS (detected from the files).
+
+    num_classes: when it differs from the checkpoint's, the head is replaced by a new one,
+        zero-initialised as in the paper's fine-tuning (section 3.1: "we remove the
+        pre-trained prediction head and attach a zero-initialized D x K feedforward
+        layer"). Zero is safe for the last layer: all classes start equally likely and
+        the head's gradient dlogits^T @ features is not zero, so it learns at once.
+    img_size: when it differs, the grid of position embeddings is resampled (section 3.2).
+    seed: the model's random generator (dropout, drop-path).
+    heads: the number of attention heads, for timm files that do not record it.
+
+    Returns (model, meta). meta holds: format, config (the ViTConfig built), class_names
+    (a list of K names, or None), mean and std (per channel, for pixels scaled to [0, 1]),
+    the checkpoint's own num_classes and img_size, head ("checkpoint" or "new, zero-initialised"),
+    and ignored_keys.
+    """
+    path = Path(path)
+    fmt = detect_format(path)
+    if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0):
+        raise ValueError(f"heads must be a positive integer, got {heads!r}")
+    reader = {"hf": _read_hf, "timm": _read_timm, "npz": _read_npz}[fmt]
+    config, state, origin, meta = reader(path, heads)
+    model, meta = _build(config, state, origin, meta, num_classes, img_size, seed)
+    meta["format"] = fmt
+    meta["source"] = str(path)
+    return model, meta
+
+
+def detect_format(path) -> str:
+    """'hf', 'timm' or 'npz', from the file suffix and, for safetensors, the key names."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+    if path.is_dir():
+        weights = path / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"{str(path)!r} is a directory without model.safetensors: expected a Hugging Face ViT "
+                f"directory (config.json + model.safetensors; sharded checkpoints are not supported)"
+            )
+        return _format_from_names(_safetensors_keys(weights), weights)
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        return "npz"
+    if suffix == ".safetensors":
+        return _format_from_names(_safetensors_keys(path), path)
+    if suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
+        raise ValueError(
+            f"{str(path)!r} is a pickle-based PyTorch file; minivit does not unpickle (it can run "
+            f"arbitrary code). Convert it to safetensors first."
+        )
+    raise ValueError(
+        f"cannot tell the format of {str(path)!r}: expected a Hugging Face directory (config.json + "
+        f"model.safetensors), a .safetensors file (timm or Hugging Face names) or an .npz file (the paper's release)"
+    )
+
+
+def _format_from_names(names, path) -> str:
+    if "patch_embed.proj.weight" in names:
+        return "timm"
+    if any(n.startswith(("vit.embeddings.", "embeddings.")) for n in names):
+        return "hf"
+    raise ValueError(
+        f"{str(path)!r} holds neither timm's names (patch_embed.proj.weight, blocks.0.attn.qkv.weight, ...) "
+        f"nor Hugging Face's (vit.embeddings.*); its first keys are {sorted(names)[:5]}"
+    )
+
+
+# ----------------------------------------------------------------------------- file readers
+
+def _safetensors_keys(path):
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return list(f.keys())
+    except Exception as exc:   # safetensors raises its own error type for a corrupt header
+        raise ValueError(f"cannot read {str(path)!r} as safetensors: {exc}") from None
+
+
+def _read_safetensors(path):
+    """(tensors, metadata) from a safetensors file, through the NumPy API (no torch, no pickle)."""
+    from safetensors import safe_open
+    tensors = {}
+    try:
+        with safe_open(str(path), framework="np") as f:
+            metadata = dict(f.metadata() or {})
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    except Exception as exc:   # e.g. bfloat16, which NumPy has no type for
+        raise ValueError(f"cannot read {str(path)!r} as safetensors: {exc}") from None
+    return tensors, metadata
+
+
+def _read_json(path, what):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} {str(path)!r} is not valid JSON: {exc}") from None
+
+
+def _read_hf(path, heads):
+    """A Hugging Face ViT: config.json for the sizes, model.safetensors for the weights."""
+    folder = path if path.is_dir() else path.parent
+    weights = path if path.is_file() else folder / "model.safetensors"
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"Hugging Face checkpoint {str(weights)!r} needs config.json beside it; "
+                                f"none found at {str(config_path)!r}")
+    hf = {**HF_CONFIG_DEFAULTS, **_read_json(config_path, "config")}
+    if hf.get("model_type", "vit") != "vit":
+        raise ValueError(f"{str(config_path)!r} describes model_type={hf['model_type']!r}; only 'vit' is supported")
+    tensors, _ = _read_safetensors(weights)
+    # Strip ViTForImageClassification's "vit." prefix (the classifier sits outside it);
+    # `spelled` puts it back for messages, so they name keys as the file has them.
+    prefixed = any(k.startswith("vit.") for k in tensors)
+    tensors = {k[4:] if k.startswith("vit.") else k: v for k, v in tensors.items()}
+
+    def spelled(k):
+        return "vit." + k if prefixed and not k.startswith("classifier.") else k
+
+    ignored = sorted(k for k in tensors if k.startswith(HF_IGNORED_PREFIXES))
+    for k in ignored:
+        del tensors[k]
+    naming = "transformers5" if any(k.startswith("layers.") for k in tensors) else "published"
+
+    act = hf["hidden_act"]
+    if act not in HF_GELU:
+        raise ValueError(f"{str(config_path)!r}: hidden_act={act!r} is not supported; "
+                         f"minivit has GELU in two forms, from {sorted(HF_GELU)}")
+    if heads is not None and heads != hf["num_attention_heads"]:
+        raise ValueError(f"heads={heads} disagrees with num_attention_heads={hf['num_attention_heads']} "
+                         f"in {str(config_path)!r}")
+    head_w = tensors.get("classifier.weight")
+    config = ViTConfig(
+        img_size=_square(hf["image_size"], "image_size", config_path),
+        patch_size=_square(hf["patch_size"], "patch_size", config_path),
+        in_chans=hf["num_channels"],
+        num_classes=int(head_w.shape[0]) if head_w is not None and head_w.ndim == 2 else 0,
+        dim=hf["hidden_size"],
+        depth=hf["num_hidden_layers"],
+        heads=hf["num_attention_heads"],
+        mlp_dim=_mlp_dim(hf["intermediate_size"], hf["hidden_size"]),
+        qkv_bias=bool(hf["qkv_bias"]),
+        gelu=HF_GELU[act],
+        ln_eps=float(hf["layer_norm_eps"]),
+    )
+
+    rows = [(name, (hf_name,), _same) for name, hf_name in HF_TOP]
+    if config.num_classes:
+        rows += [(name, (hf_name,), _same) for name, hf_name in HF_HEAD]
+    column = 1 if naming == "published" else 2
+    for i in range(config.depth):
+        prefix = HF_BLOCK_PREFIX[naming].format(i=i)
+        for row in HF_BLOCK:
+            if row[0] == "attn.qkv.bias" and not config.qkv_bias:
+                continue
+            names = tuple(prefix + n for n in row[column])
+            rows.append((f"blocks.{i}.{row[0]}", names, _stack_rows if len(names) == 3 else _same))
+    state, origin = _apply_table(tensors, rows, f"Hugging Face checkpoint {str(weights)!r}", rename=spelled)
+
+    # Class names and the pixel normalisation the checkpoint was trained with.
+    id2label = hf.get("id2label") or {}
+    names = None
+    if config.num_classes and len(id2label) == config.num_classes:
+        names = [str(id2label.get(str(i), f"class {i}")) for i in range(config.num_classes)]
+    mean, std = DEFAULT_MEAN, DEFAULT_STD
+    pre_path = folder / "preprocessor_config.json"
+    if pre_path.is_file():
+        pre = _read_json(pre_path, "preprocessor config")
+        mean, std = pre.get("image_mean", mean), pre.get("image_std", std)
+    meta = {"class_names": names, "mean": mean, "std": std, "ignored_keys": [spelled(k) for k in ignored],
+            "naming": naming}
+    return config, state, origin, meta
+
+
+def _read_timm(path, heads):
+    """A timm-layout safetensors file. The config comes from, in order of precedence: the
+    `heads` argument; the file's metadata ("minivit_config", a JSON dict of ViTConfig fields,
+    as save_pretrained writes); a config.json beside the file (timm's hub format); the
+    tensor shapes; timm's defaults (LayerNorm eps 1e-6, exact GELU)."""
+    tensors, metadata = _read_safetensors(path)
+    where = f"timm checkpoint {str(path)!r}"
+    fields = _timm_shapes(tensors, where)
+    beside = path.parent / "config.json"
+    side = _read_json(beside, "config") if beside.is_file() else {}
+    side_heads = _timm_heads_from_config(side)
+    if side_heads is not None:
+        fields["heads"] = side_heads
+    if "minivit_config" in metadata:
+        try:
+            saved = json.loads(metadata["minivit_config"])
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: metadata 'minivit_config' is not valid JSON: {exc}") from None
+        if not isinstance(saved, dict):
+            raise ValueError(f"{where}: metadata 'minivit_config' must be a JSON object, got {saved!r}")
+        fields.update(saved)
+    if heads is not None:
+        if "heads" in fields and fields["heads"] != heads:
+            raise ValueError(f"heads={heads} disagrees with heads={fields['heads']} recorded for {where}")
+        fields["heads"] = heads
+    if "heads" not in fields:
+        raise ValueError(
+            f"{where}: the number of attention heads cannot be read from tensor shapes (qkv is (3D, D) "
+            f"for any H). Pass heads=... to load_pretrained, or put it in the file's metadata "
+            f"(minivit_config) or in a config.json beside the file"
+        )
+    config = ViTConfig().replace(**fields)
+    # minivit's names are timm's: one identity row per parameter of the model this config builds.
+    state, origin = _apply_table(tensors, _timm_rows(config), where)
+
+    mean = _json_meta(metadata, "mean", where) or side.get("pretrained_cfg", {}).get("mean") or DEFAULT_MEAN
+    std = _json_meta(metadata, "std", where) or side.get("pretrained_cfg", {}).get("std") or DEFAULT_STD
+    names = _json_meta(metadata, "class_names", where) or side.get("label_names") \
+        or side.get("pretrained_cfg", {}).get("label_names")
+    if names is not None and len(names) != config.num_classes:
+        names = None
+    meta = {"class_names": None if names is None else [str(n) for n in names], "mean": mean, "std": std,
+            "ignored_keys": []}
+    return config, state, origin, meta
+
+
+def _timm_rows(config):
+    """The identity table: every parameter name of ViT(config), in model order (listed here
+    rather than read from a ViT built for the purpose, which would initialise 86M numbers
+    for ViT-B only to throw them away; a test checks the two lists agree)."""
+    names = ["cls_token"]
+    if config.pos_embed == "learned":
+        names.append("pos_embed")
+    names += ["patch_embed.proj.weight", "patch_embed.proj.bias"]
+    for i in range(config.depth):
+        block = ["norm1.weight", "norm1.bias", "attn.qkv.weight"] + (["attn.qkv.bias"] if config.qkv_bias else [])
+        block += ["attn.proj.weight", "attn.proj.bias", "norm2.weight", "norm2.bias",
+                  "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
+        names += [f"blocks.{i}.{n}" for n in block]
+    names += ["norm.weight", "norm.bias"]
+    if config.num_classes:
+        names += ["head.weight", "head.bias"]
+    return [(n, (n,), _same) for n in names]
+
+
+def _timm_shapes(tensors, where):
+    """Every ViTConfig field that the tensor shapes reveal (everything but heads)."""
+    w = _need(tensors, "patch_embed.proj.weight", 4, where)            # (D, C, P, P)
+    D, C, P, P2 = w.shape
+    if P != P2:
+        raise ValueError(f"{where}: 'patch_embed.proj.weight' has non-square patches {tuple(w.shape)}")
+    fields = {"dim": int(D), "in_chans": int(C), "patch_size": int(P)}
+    if "pos_embed" in tensors:
+        fields["img_size"] = _grid_side(_need(tensors, "pos_embed", 3, where), "pos_embed", where) * P
+    else:
+        fields["pos_embed"] = "none"   # unless the metadata says sincos2d
+    blocks = {int(k.split(".")[1]) for k in tensors if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    if not blocks:
+        raise KeyError(f"{where}: no 'blocks.0.*' keys: a ViT needs at least one block")
+    fields["depth"] = max(blocks) + 1
+    fields["mlp_dim"] = _mlp_dim(int(_need(tensors, "blocks.0.mlp.fc1.weight", 2, where).shape[0]), D)
+    fields["qkv_bias"] = "blocks.0.attn.qkv.bias" in tensors
+    fields["num_classes"] = int(_need(tensors, "head.weight", 2, where).shape[0]) if "head.weight" in tensors else 0
+    return fields
+
+
+def _timm_heads_from_config(side):
+    """Heads from a timm hub config.json: model_args.num_heads, num_heads, or the architecture name."""
+    for value in (side.get("model_args", {}).get("num_heads"), side.get("num_heads"), side.get("heads")):
+        if value is not None:
+            return int(value)
+    arch = str(side.get("architecture", ""))
+    for stem, h in TIMM_HEADS_BY_ARCH.items():
+        if arch.startswith(stem + "_"):
+            return h
+    return None
+
+
+def _read_npz(path, heads):
+    """The paper's release: Flax parameter names, '/'-separated, in an .npz archive."""
+    where = f"npz checkpoint {str(path)!r}"
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            tensors = {k: archive[k] for k in archive.files}
+    except ValueError as exc:   # e.g. "Object arrays cannot be loaded when allow_pickle=False"
+        raise ValueError(f"cannot read {where}: {exc} (only plain numeric arrays are accepted)") from None
+    except Exception as exc:   # a broken zip archive raises BadZipFile, OSError, EOFError, ...
+        raise ValueError(f"cannot read {where} as an .npz archive: {exc}") from None
+    # Checkpoints saved from a training state nest everything under opt/target/.
+    if any(k.startswith("opt/target/") for k in tensors):
+        tensors = {k[len("opt/target/"):]: v for k, v in tensors.items() if k.startswith("opt/target/")}
+    if any(k.startswith("pre_logits/") for k in tensors):
+        raise ValueError(
+            f"{where} has a 'pre_logits' layer (a dense + tanh before the head, used in ImageNet-21k "
+            f"pre-training); minivit's ViT has none. Use a fine-tuned checkpoint, which drops it"
+        )
+    kernel = _need(tensors, "embedding/kernel", 4, where)                 # (P, P, C, D)
+    P, P2, C, D = kernel.shape
+    if P != P2:
+        raise ValueError(f"{where}: 'embedding/kernel' has non-square patches {tuple(kernel.shape)}")
+    pos = _need(tensors, "Transformer/posembed_input/pos_embedding", 3, where)
+    G = _grid_side(pos, "Transformer/posembed_input/pos_embedding", where)
+    blocks = {k.split("/")[1] for k in tensors if k.startswith("Transformer/encoderblock_")}
+    depth = len(blocks)
+    if depth == 0:
+        raise KeyError(f"{where}: no 'Transformer/encoderblock_0/*' keys: a ViT needs at least one block")
+    first = NPZ_BLOCK_PREFIX.format(i=0)
+    q = _need(tensors, first + _MHA + "query/kernel", 3, where)             # (D, H, hs)
+    if heads is not None and heads != q.shape[1]:
+        raise ValueError(f"heads={heads} disagrees with the {q.shape[1]} heads of {where}")
+    mlp = _need(tensors, first + "MlpBlock_3/Dense_0/kernel", 2, where)    # (D, F)
+    head = tensors.get("head/kernel")
+    config = ViTConfig(
+        img_size=G * P, patch_size=int(P), in_chans=int(C), dim=int(D), depth=depth, heads=int(q.shape[1]),
+        mlp_dim=_mlp_dim(int(mlp.shape[1]), D),
+        num_classes=int(head.shape[1]) if head is not None and head.ndim == 2 else 0,
+        qkv_bias=True,
+        # The release was trained with Flax's nn.gelu, whose default is the tanh approximation
+        # (jax.nn.gelu(approximate=True)). timm and transformers run the same weights with exact
+        # GELU; the two differ by less than 1e-3 per activation.
+        gelu="tanh",
+        ln_eps=1e-6,          # Flax's LayerNorm default
+    )
+    rows = [(name, names, conv) for name, names, conv in NPZ_TOP]
+    if config.num_classes:
+        rows += [(name, names, conv) for name, names, conv in NPZ_HEAD]
+    for i in range(depth):
+        prefix = NPZ_BLOCK_PREFIX.format(i=i)
+        rows += [(f"blocks.{i}.{name}", tuple(prefix + n for n in names), conv) for name, names, conv in NPZ_BLOCK]
+    state, origin = _apply_table(tensors, rows, where)
+    meta = {"class_names": None, "mean": DEFAULT_MEAN, "std": DEFAULT_STD, "ignored_keys": []}
+    return config, state, origin, meta
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def _apply_table(tensors, rows, where, rename=lambda k: k):
+    """Build minivit's state dict from a checkpoint's tensors, one table row at a time.
+
+    rows: (minivit name, checkpoint names, converter). Returns (state, origin): origin names
+    the checkpoint key(s) behind each entry, for error messages. Every checkpoint key must
+    be used by some row; leftovers are an error rather than silently dropped weights.
+    rename turns a key back into the spelling the file uses, for messages.
+    """
+    state, origin, used = {}, {}, set()
+    for name, sources, convert in rows:
+        for s in sources:
+            if s not in tensors:
+                raise KeyError(f"{where}: missing key {rename(s)!r} (needed for minivit's {name!r})")
+        arrays = [tensors[s] for s in sources]
+        label = " + ".join(repr(rename(s)) for s in sources)
+        for s, a in zip(sources, arrays):
+            if a.dtype.kind not in "fiu":
+                raise TypeError(f"{where}: {rename(s)!r} has non-numeric dtype {a.dtype}")
+        try:
+            state[name] = np.ascontiguousarray(convert(*arrays))
+        except ValueError as exc:
+            shapes = ", ".join(f"{rename(s)!r} {tuple(a.shape)}" for s, a in zip(sources, arrays))
+            raise ValueError(f"{where}: cannot convert {shapes} into minivit's {name!r}: {exc}") from None
+        origin[name] = label
+        used.update(sources)
+    unexpected = sorted(set(tensors) - used)
+    if unexpected:
+        shown = [rename(k) for k in unexpected[:6]] + (["..."] if len(unexpected) > 6 else [])
+        raise KeyError(f"{where}: unexpected key(s) {shown}: minivit's ViT has no matching parameter "
+                       f"(a different architecture, or a layer minivit does not implement)")
+    return state, origin
+
+
+def _need(tensors, key, ndim, where):
+    if key not in tensors:
+        raise KeyError(f"{where}: missing key {key!r}")
+    a = tensors[key]
+    if a.ndim != ndim:
+        raise ValueError(f"{where}: {key!r} should have {ndim} axes, got shape {tuple(a.shape)}")
+    return a
+
+
+def _grid_side(pos, key, where):
+    """G from position embeddings (1, 1 + G*G, D)."""
+    n = pos.shape[1] - 1
+    G = math.isqrt(max(n, 0))
+    if pos.shape[0] != 1 or n < 1 or G * G != n:
+        raise ValueError(f"{where}: {key!r} has shape {tuple(pos.shape)}; expected (1, 1 + G*G, D): "
+                         f"one [CLS] position plus a square grid of patch positions")
+    return G
+
+
+def _square(value, name, where):
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"{str(where)!r}: {name}={value!r}; minivit supports square images and patches only")
+        value = value[0]
+    return int(value)
+
+
+def _mlp_dim(hidden, dim):
+    """None when the MLP has the usual 4 x D width (so the config matches the presets)."""
+    return None if int(hidden) == 4 * int(dim) else int(hidden)
+
+
+def _json_meta(metadata, key, where):
+    if key not in metadata:
+        return None
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{where}: metadata {key!r} is not valid JSON: {exc}") from None
+
+
+def _channel_stats(value, channels, name):
+    """mean/std as a tuple with one float per channel (a single number is repeated)."""
+    values = [float(value)] * channels if np.isscalar(value) else [float(v) for v in value]
+    if len(values) != channels:
+        raise ValueError(f"{name} has {len(values)} values for {channels} channels")
+    return tuple(values)
+
+
+def _build(config, state, origin, meta, num_classes, img_size, seed):
+    """A ViT for `config` (with a new head / image size if asked), filled from `state`."""
+    overrides = {}
+    if num_classes is not None and num_classes != config.num_classes:
+        overrides["num_classes"] = num_classes
+    if img_size is not None and img_size != config.img_size:
+        overrides["img_size"] = img_size
+    target = config.replace(**overrides)     # validates: e.g. img_size must be a multiple of patch_size
+    model = ViT(target, seed=seed)
+    params = dict(model.named_parameters())
+
+    if "num_classes" in overrides:
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+        if model.head is not None:           # the paper's fine-tuning head: all zeros
+            model.head.weight.data[...] = 0.0
+            model.head.bias.data[...] = 0.0
+    if "img_size" in overrides and "pos_embed" in state:
+        state["pos_embed"] = resample_pos_embed(state["pos_embed"], target.grid_size)
+        origin["pos_embed"] += f" (resampled from {config.grid_size}x{config.grid_size} to " \
+                               f"{target.grid_size}x{target.grid_size})"
+    for name, value in state.items():
+        if name not in params:
+            raise KeyError(f"{origin[name]} maps to {name!r}, which the model built from the config has not")
+        if tuple(value.shape) != tuple(params[name].shape):
+            raise ValueError(
+                f"{origin[name]} gives minivit's {name!r} shape {tuple(value.shape)}, but the config "
+                f"(dim={config.dim}, heads={config.heads}, depth={config.depth}, mlp={config.hidden_dim}, "
+                f"classes={config.num_classes}) needs {tuple(params[name].shape)}"
+            )
+    model.load_state_dict(state, strict=False)
+    missing = [n for n in params if n not in state and not n.startswith("head.")]
+    if missing:   # cannot happen for a table built from the config; kept as a guard
+        raise KeyError(f"checkpoint gives no value for {missing}")
+
+    meta = dict(meta)
+    channels = target.in_chans
+    meta.update(
+        config=target,
+        checkpoint_num_classes=config.num_classes,
+        checkpoint_img_size=config.img_size,
+        head="new, zero-initialised" if "num_classes" in overrides else "checkpoint",
+        mean=_channel_stats(meta["mean"], channels, "mean"),
+        std=_channel_stats(meta["std"], channels, "std"),
+    )
+    if "num_classes" in overrides:
+        meta["class_names"] = None
+    return model, meta
+
+
+# ============================================================================= position embeddings
+
+def _linear_taps(n_in, n_out):
+    """For each of n_out output positions: the two input positions it reads and the weight of
+    the second, as torch.nn.functional.interpolate(mode="bilinear", align_corners=False) does.
+
+    align_corners=False treats positions as the centres of n equal cells covering [0, n):
+    output cell j has its centre at (j + 0.5) * n_in / n_out in input units, i.e. at input
+    position (j + 0.5) * n_in / n_out - 0.5. Positions left of the first centre are clamped
+    to it (torch clamps negatives to 0); right of the last, both taps are the last cell.
+    """
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    src = np.maximum(src, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = src - i0                                        # weight of i1; 1 - frac is that of i0
+    return i0, i1, frac
+
+
+def resample_pos_embed(pos_embed, new_grid: int):
+    """Position embeddings (1, 1 + G*G, D) for a G x G grid -> (1, 1 + G2*G2, D) for G2 x G2.
+
+    The paper (section 3.2) fine-tunes at a higher resolution than it pre-trains: the patches
+    stay P x P, so there are more of them, and the pre-trained position embeddings are
+    interpolated in 2D according to their place in the image. The [CLS] embedding has no
+    place in the image and is kept as is. Bilinear, with the same sampling positions as
+    torch's interpolate(mode="bilinear", align_corners=False), which timm uses (with bicubic
+    by default). Bilinear is separable: interpolate along rows, then along columns.
+    """
+    xp = get_array_module(pos_embed)
+    if not hasattr(pos_embed, "ndim") or pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
+        raise ValueError(f"pos_embed must have shape (1, 1 + G*G, D), got {getattr(pos_embed, 'shape', pos_embed)!r}")
+    if isinstance(new_grid, bool) or not isinstance(new_grid, (int, np.integer)) or new_grid <= 0:
+        raise ValueError(f"new_grid must be a positive integer (patches per side), got {new_grid!r}")
+    G = _grid_side(pos_embed, "pos_embed", "resample_pos_embed")
+    D = pos_embed.shape[2]
+    cls_pos = pos_embed[:, :1]                                     # (1, 1, D)
+    grid = pos_embed[0, 1:].reshape(G, G, D).astype(xp.float64)   # (G, G, D), row-major like the patches
+    r0, r1, rf = (xp.asarray(a) for a in _linear_taps(G, new_grid))
+    grid = grid[r0] * (1 - rf)[:, None, None] + grid[r1] * rf[:, None, None]              # (G2, G, D)
+    grid = grid[:, r0] * (1 - rf)[None, :, None] + grid[:, r1] * rf[None, :, None]        # (G2, G2, D)
+    grid = grid.reshape(1, new_grid * new_grid, D).astype(pos_embed.dtype)               # (1, G2*G2, D)
+    return xp.concatenate([cls_pos, grid], axis=1)                                        # (1, 1 + G2*G2, D)
+
+
+# ============================================================================= saving
+
+def save_pretrained(model, path, format: str = "timm", class_names=None, mean=None, std=None):
+    """Write a ViT's weights so that minivit, timm or transformers can read them back.
+
+    format="timm": one safetensors file at `path` with minivit's (timm's) names; the config,
+        class names and normalisation go into the file's metadata as JSON.
+    format="hf": a directory at `path` with config.json, model.safetensors (the published
+        checkpoints' names) and preprocessor_config.json, which
+        transformers.ViTForImageClassification.from_pretrained loads. Needs a [CLS]-pooled
+        model with a head; sin-cos position embeddings are written as learned ones.
+
+    Each file is written to a temporary name and renamed into place (os.replace), so a
+    crash never leaves a half-written file behind under the real name. Returns the path.
+    """
+    if not isinstance(model, ViT):
+        raise TypeError(f"save_pretrained expects a minivit ViT, got {type(model).__name__}")
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format must be one of {SAVE_FORMATS}, got {format!r}")
+    cfg = model.config
+    mean = _channel_stats(DEFAULT_MEAN if mean is None else mean, cfg.in_chans, "mean")
+    std = _channel_stats(DEFAULT_STD if std is None else std, cfg.in_chans, "std")
+    if class_names is not None:
+        class_names = [str(n) for n in class_names]
+        if len(class_names) != cfg.num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names for {cfg.num_classes} classes")
+    state = {k: np.ascontiguousarray(to_numpy(v)) for k, v in model.state_dict().items()}
+    path = Path(path)
+    if format == "timm":
+        metadata = {"format": "pt", "minivit_config": json.dumps(cfg.to_dict()),
+                    "mean": json.dumps(list(mean)), "std": json.dumps(list(std))}
+        if class_names is not None:
+            metadata["class_names"] = json.dumps(class_names)
+        _write_safetensors(state, path, metadata)
+        return path
+    return _save_hf(model, state, path, class_names, mean, std)
+
+
+def _save_hf(model, state, path, class_names, mean, std):
+    cfg = model.config
+    if cfg.pool != "cls":
+        raise ValueError(f"format='hf' needs pool='cls' (ViTForImageClassification classifies the [CLS] token), "
+                         f"got pool={cfg.pool!r}")
+    if cfg.num_classes == 0:
+        raise ValueError("format='hf' needs a model with a head (num_classes > 0)")
+    if cfg.pos_embed == "sincos2d":    # fixed in minivit, learned in transformers: same values either way
+        state["pos_embed"] = np.ascontiguousarray(to_numpy(model.pos_table))
+    elif cfg.pos_embed == "none":      # adding zeros is adding nothing
+        state["pos_embed"] = np.zeros((1, cfg.num_tokens, cfg.dim), state["cls_token"].dtype)
+
+    # The HF tables read backwards: a fused qkv splits into query, key and value again.
+    hf_state = {}
+    for name, hf_name in HF_TOP:
+        hf_state["vit." + hf_name] = state[name]
+    for name, hf_name in HF_HEAD:
+        hf_state[hf_name] = state[name]
+    for i in range(cfg.depth):
+        prefix = "vit." + HF_BLOCK_PREFIX["published"].format(i=i)
+        for row in HF_BLOCK:
+            key = f"blocks.{i}.{row[0]}"
+            if key not in state:       # qkv bias of a qkv_bias=False model
+                continue
+            parts = np.split(state[key], 3, axis=0) if len(row[1]) == 3 else [state[key]]
+            for hf_name, part in zip(row[1], parts):
+                hf_state[prefix + hf_name] = np.ascontiguousarray(part)
+
+    names = class_names or [f"LABEL_{i}" for i in range(cfg.num_classes)]
+    hf_config = {
+        "architectures": ["ViTForImageClassification"],
+        "model_type": "vit",
+        "hidden_size": cfg.dim,
+        "num_hidden_layers": cfg.depth,
+        "num_attention_heads": cfg.heads,
+        "intermediate_size": cfg.hidden_dim,
+        "hidden_act": "gelu" if cfg.gelu == "exact" else "gelu_new",
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "layer_norm_eps": cfg.ln_eps,
+        "image_size": cfg.img_size,
+        "patch_size": cfg.patch_size,
+        "num_channels": cfg.in_chans,
+        "qkv_bias": cfg.qkv_bias,
+        "id2label": {str(i): n for i, n in enumerate(names)},
+        "label2id": {n: i for i, n in enumerate(names)},
+        "dtype": str(next(iter(hf_state.values())).dtype),
+    }
+    preprocessor = {
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": True, "size": {"height": cfg.img_size, "width": cfg.img_size}, "resample": 2,  # bilinear
+        "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": list(mean), "image_std": list(std),
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    _write_safetensors(hf_state, path / "model.safetensors", {"format": "pt"})
+    _write_text(path / "config.json", json.dumps(hf_config, indent=2) + "\n")
+    _write_text(path / "preprocessor_config.json", json.dumps(preprocessor, indent=2) + "\n")
+    return path
+
+
+def _atomic(path, write):
+    """Call write(tmp) on a temporary file beside `path`, then rename it over `path`."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a directory; give a file name such as model.safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        # Some writers create private (0600) files; give the file the permissions a plain
+        # open() would have given it under this process's umask.
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)      # atomic on POSIX and Windows: readers see the old or the new file
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _umask():
+    mask = os.umask(0)      # the only way to read the umask is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def _write_safetensors(state, path, metadata):
+    from safetensors.numpy import save_file
+    _atomic(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+
+
+def _write_text(path, text):
+    _atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -1,0 +1,153 @@
+"""Walk one image through a ViT and list every step: its tensor shape, its parameters and
+its forward FLOPs (a multiply-add counts as 2 FLOPs; only matrix products are counted,
+which are >99% of the work at the paper's sizes).
+
+    minivit shapes --preset vit-b16
+    minivit shapes --preset cifar-lesson --set depth=6 --set pool=mean
+
+The counts come from the config alone, so even ViT-H/14 is walked without allocating it.
+Shape legend: C channels, S image side, P patch side, G = S // P, N tokens, D width,
+H heads, hs head size, F MLP width, K classes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .config import PRESETS, ViTConfig, get_preset
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str        # timm's name of the module, or what happens
+    shape: str       # the tensor after this step, for one image
+    params: int      # parameters this step owns
+    flops: int       # forward FLOPs for one image
+    note: str = ""
+
+
+def _dims(*sizes):
+    return " x ".join(str(s) for s in sizes)
+
+
+def walk(config: ViTConfig) -> list[Step]:
+    """Every step of the forward pass for one image, in order."""
+    c = config
+    S, P, C, G, N, D, H, hs, F, K = (c.img_size, c.patch_size, c.in_chans, c.grid_size, c.num_tokens,
+                                     c.dim, c.heads, c.head_size, c.hidden_dim, c.num_classes)
+    Np = G * G
+    steps = [
+        Step("image", _dims(C, S, S), 0, 0, "C x S x S"),
+        Step("patchify", _dims(Np, C * P * P), 0, 0, f"{G}x{G} patches of {C}x{P}x{P} values"),
+        Step("patch_embed.proj", _dims(Np, D), D * C * P * P + D, 2 * Np * C * P * P * D, "linear C*P*P -> D"),
+        Step("cls_token", _dims(N, D), D, 0, "prepend [CLS]"),
+    ]
+    if c.pos_embed == "learned":
+        steps.append(Step("pos_embed", _dims(N, D), N * D, 0, "add learned positions"))
+    elif c.pos_embed == "sincos2d":
+        steps.append(Step("pos_embed (fixed)", _dims(N, D), 0, 0, "add 2D sine-cosine positions"))
+    qkv_params = 3 * D * D + (3 * D if c.qkv_bias else 0)
+    block = [
+        Step("norm1", _dims(N, D), 2 * D, 0, "LayerNorm"),
+        Step("attn.qkv", _dims(N, 3 * D), qkv_params, 2 * N * D * 3 * D, "fused q, k, v projection"),
+        Step("  split heads", f"3 x {_dims(H, N, hs)}", 0, 0, "q, k, v: H heads x N x hs"),
+        Step("  q @ k^T / sqrt(hs)", _dims(H, N, N), 0, 2 * H * N * N * hs, "attention scores"),
+        Step("  softmax", _dims(H, N, N), 0, 0, "each row sums to 1"),
+        Step("  attn @ v", _dims(H, N, hs), 0, 2 * H * N * N * hs, "weighted sum of values"),
+        Step("  merge heads", _dims(N, D), 0, 0, "heads side by side"),
+        Step("attn.proj", _dims(N, D), D * D + D, 2 * N * D * D, "output projection"),
+        Step("+ residual", _dims(N, D), 0, 0, "x + attn(norm1(x))"),
+        Step("norm2", _dims(N, D), 2 * D, 0, "LayerNorm"),
+        Step("mlp.fc1", _dims(N, F), D * F + F, 2 * N * D * F, f"GELU ({c.gelu})"),
+        Step("mlp.fc2", _dims(N, D), F * D + D, 2 * N * F * D, ""),
+        Step("+ residual", _dims(N, D), 0, 0, "x + mlp(norm2(x))"),
+    ]
+    steps += [dataclasses.replace(s, name=f"blocks.0.{s.name}" if not s.name.startswith(("  ", "+")) else s.name)
+              for s in block]
+    if c.depth > 1:
+        per_block = sum(s.params for s in block), sum(s.flops for s in block)
+        steps.append(Step(f"blocks.1-{c.depth - 1}", _dims(N, D), per_block[0] * (c.depth - 1),
+                          per_block[1] * (c.depth - 1), f"{c.depth - 1} more blocks like blocks.0"))
+    steps.append(Step("norm", _dims(N, D), 2 * D, 0, "final LayerNorm"))
+    steps.append(Step("pool", str(D), 0, 0, "[CLS] token" if c.pool == "cls" else "mean of patch tokens"))
+    if K > 0:
+        steps.append(Step("head", str(K), D * K + K, 2 * D * K, "logits"))
+    return steps
+
+
+def count_parameters(config: ViTConfig) -> int:
+    """The number of trainable parameters, from the config alone."""
+    return sum(s.params for s in walk(config))
+
+
+def count_flops(config: ViTConfig) -> int:
+    """Forward FLOPs for one image (matrix products only)."""
+    return sum(s.flops for s in walk(config))
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def format_table(config: ViTConfig) -> str:
+    steps = walk(config)
+    rows = [("step", "shape (one image)", "params", "FLOPs", "")]
+    rows += [(s.name, s.shape, f"{s.params:,}" if s.params else "", _human(s.flops) if s.flops else "", s.note)
+             for s in steps]
+    rows.append(("total", "", f"{count_parameters(config):,}", _human(count_flops(config)), "forward, one image"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = []
+    for i, r in enumerate(rows):
+        lines.append(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]}".rstrip())
+        if i == 0 or i == len(rows) - 2:
+            lines.append("-" * (sum(widths) + 6 + 20))
+    return "\n".join(lines)
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """["depth=6", "pool=mean", "qkv_bias=false"] -> {"depth": 6, "pool": "mean", "qkv_bias": False},
+    each value converted to the type of the field it sets."""
+    fields = {f.name: f for f in dataclasses.fields(ViTConfig)}
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"override {pair!r} must look like name=value, e.g. depth=6")
+        key, raw = pair.split("=", 1)
+        key = key.strip().replace("-", "_")
+        if key not in fields:
+            raise ValueError(f"unknown config option {key!r}; known options: {', '.join(fields)}")
+        default = getattr(ViTConfig(), key)
+        try:
+            if isinstance(default, bool):
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                value = raw.lower() in ("true", "1")
+            elif isinstance(default, int) or key == "mlp_dim":
+                value = None if raw.lower() == "none" else int(raw)
+            elif isinstance(default, float):
+                value = float(raw)
+            else:
+                value = raw
+        except ValueError:
+            raise ValueError(f"override {pair!r}: {raw!r} is not a valid value for {key} "
+                             f"(expected {type(default).__name__})") from None
+        out[key] = value
+    return out
+
+
+def register(subparsers):
+    p = subparsers.add_parser("shapes", help="print every step of a ViT with its shape, parameters and FLOPs")
+    p.add_argument("--preset", default="vit-b16", help=f"one of: {', '.join(PRESETS)} (default vit-b16)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a config field, e.g. --set depth=6 (repeatable)")
+    p.set_defaults(func=_run)
+
+
+def _run(args):
+    config = get_preset(args.preset, **parse_overrides(args.overrides))
+    print(f"{args.preset}: {config}")
+    print(format_table(config))
+    return 0

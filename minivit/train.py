@@ -1,0 +1,660 @@
+"""Train a ViT on CIFAR-10 and evaluate checkpoints: `minivit train` and `minivit eval`.
+
+    minivit train                                        # the recipe: cifar-recipe, 20 epochs, AdamW
+    minivit train --preset cifar-lesson --epochs 5 --set depth=4
+    minivit train --resume --out runs/cifar-recipe-20250101-120000    # continue a stopped run
+    minivit eval runs/cifar-recipe-20250101-120000/best.npz           # test accuracy of a saved model
+
+One training step, as the loop in `train` writes it out:
+
+    uint8 images (B, C, S, S) --augment--> uint8 (B, C, S, S)     random crop (pad 4) + horizontal flip
+      --normalize--> float32 (B, C, S, S)                          per channel: (x / 255 - mean) / std
+      --model--> logits (B, K) --cross-entropy, label smoothing--> loss
+      --backward--> every parameter's .grad --clip--> global norm <= clip_grad
+      --AdamW--> new weights, at the learning rate of this step (linear warmup, then cosine to 0)
+
+The output directory (--out) holds:
+
+    checkpoint.npz   the last saved state: weights, AdamW state, both random generators, the
+                     settings and the metrics so far. --resume continues from it.
+    best.npz         the weights with the best test accuracy so far (no optimiser state)
+    metrics.csv      one row per epoch
+    curves.png       loss and accuracy against epoch
+
+Reproducibility: one NumPy Generator draws the order of the images and the augmentations,
+the model's own Generator draws dropout and drop-path masks. Both states go into every
+checkpoint, so a run that is stopped and resumed ends with exactly the weights (bit for bit)
+of a run that never stopped.
+
+Shape legend: B batch, C channels, S image side, K classes.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import numbers
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from . import __version__
+from .backend import DEVICES, check_device, to_device
+from .checkpoint import DEFAULT_FILE_MODE, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from .config import PRESETS, ViTConfig, get_preset
+from .data import CIFAR10_MEAN, CIFAR10_STD, augment, find_cifar10, iterate_batches, load_cifar10, normalize
+from .model import ViT
+from .ops import cross_entropy_backward, cross_entropy_forward
+from .optim import AdamW, clip_grad_norm, param_groups, warmup_cosine
+from .shapes import parse_overrides
+
+
+def _option(name):
+    return "--" + name.replace("_", "-")
+
+
+def _check_int(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{_option(name)} must be an integer, got {value!r}")
+    if value < low:
+        raise ValueError(f"{_option(name)} must be an integer >= {low}, got {value!r}")
+
+
+def _check_real(name, value, low=None, low_open=None):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"{_option(name)} must be a finite number, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{_option(name)} must be >= {low}, got {value!r}")
+    if low_open is not None and value <= low_open:
+        raise ValueError(f"{_option(name)} must be > {low_open}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to train: every setting of `minivit train` that changes the result, except the model.
+    The defaults are the CIFAR-10 recipe; `minivit train --help` shows them."""
+
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 1e-3                  # peak learning rate, reached at the end of warmup
+    weight_decay: float = 0.05        # AdamW's decoupled decay, on weight matrices only (optim.param_groups)
+    warmup: float = 2.0               # epochs of linear warmup (a fraction is fine), then cosine decay to 0
+    label_smoothing: float = 0.1      # target: 0.9 on the true class + 0.1 / K spread over all classes
+    clip_grad: float = 1.0            # largest global gradient norm; 0 turns clipping off
+    seed: int = 0                     # initial weights, data order, augmentation, dropout
+    limit_train: int | None = None    # use only the first N training images (quick runs, tests)
+    limit_test: int | None = None     # evaluate on the first N test images only
+
+    def __post_init__(self):
+        # Messages name the command-line option, since that is where a bad value comes from.
+        _check_int("epochs", self.epochs, low=1)
+        _check_int("batch_size", self.batch_size, low=1)
+        _check_real("lr", self.lr, low_open=0.0)
+        _check_real("weight_decay", self.weight_decay, low=0.0)
+        _check_real("warmup", self.warmup, low=0.0)
+        if self.warmup > self.epochs:
+            raise ValueError(f"--warmup ({self.warmup} epochs) must not be longer than --epochs ({self.epochs}); "
+                             f"for a short run pass a shorter --warmup, e.g. --warmup {self.epochs / 10:g}")
+        _check_real("label_smoothing", self.label_smoothing, low=0.0)
+        if self.label_smoothing >= 1:
+            raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        _check_real("clip_grad", self.clip_grad, low=0.0)
+        _check_int("seed", self.seed, low=0)
+        for name in ("limit_train", "limit_test"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), low=1)
+
+    def replace(self, **changes) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+RECIPE = Recipe()                      # the defaults of `minivit train`
+DEFAULT_PRESET = "cifar-recipe"
+CHECKPOINT = "checkpoint.npz"          # file names inside the output directory
+BEST = "best.npz"
+METRICS = "metrics.csv"
+CURVES = "curves.png"
+METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
+                  "epoch_seconds", "images_per_second")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or the gradient norm) became NaN or infinite: training diverged."""
+
+
+@dataclass
+class TrainResult:
+    status: str                    # "finished", "interrupted" or "already finished"
+    epochs_completed: int
+    history: list                  # one dict per epoch, with METRIC_COLUMNS
+    out_dir: Path
+
+
+# ============================================================================= the training loop
+
+def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = False,
+          init_state: dict | None = None, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+          device: str = "cpu", log_every: int = 100, run_info: dict | None = None) -> TrainResult:
+    """Train a ViT(config) on `data` with `recipe`, writing checkpoints and metrics to out_dir.
+
+    data        anything with uint8 train_images / test_images (n, C, S, S) and integer
+                train_labels / test_labels (n,), like minivit.data.CIFAR10
+    resume      continue the run saved in out_dir/checkpoint.npz (config and recipe must match it);
+                without it, out_dir must not exist or be empty
+    init_state  starting weights ({name: array}, e.g. pretrained ones) instead of a random init
+    mean, std   per-channel normalisation of pixels in [0, 1]
+    log_every   print a `step | loss | acc | img/s` line every this many steps (0: never)
+    run_info    JSON-able notes kept in the checkpoint (preset name, overrides, --init path)
+    """
+    out_dir = Path(out_dir)
+    checkpoint_path, best_path = out_dir / CHECKPOINT, out_dir / BEST
+    check_device(device)
+    _check_data(data, config)
+    # The first N images of each split; slicing makes views, nothing is copied.
+    train_images = data.train_images[:recipe.limit_train]       # uint8 (n_train, C, S, S)
+    train_labels = data.train_labels[:recipe.limit_train]       # (n_train,)
+    test_images = data.test_images[:recipe.limit_test]          # uint8 (n_test, C, S, S)
+    test_labels = data.test_labels[:recipe.limit_test]          # (n_test,)
+    n_train, n_test = len(train_images), len(test_images)
+    B = recipe.batch_size
+    steps_per_epoch = math.ceil(n_train / B)     # the last batch of an epoch may be smaller
+    total_steps = recipe.epochs * steps_per_epoch
+    warmup_steps = round(recipe.warmup * steps_per_epoch)
+    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+    # ---- the model, the optimiser and the two random generators
+    model = ViT(config, seed=recipe.seed)        # its Generator draws the initial weights, then dropout masks
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    # The data Generator gets its own stream, so changing the model (and with it the number of
+    # draws its initialisation takes) does not change the order of the images.
+    data_rng = np.random.default_rng([recipe.seed, 1])
+    history, start_epoch, progress = [], 0, None
+    if resume:
+        state, optim_state, meta = load_checkpoint(checkpoint_path)
+        _check_resume(meta, config, recipe, n_train, n_test, mean, std, checkpoint_path)
+        model.load_state_dict(state)
+        model_rng = np.random.default_rng()
+        model_rng.bit_generator.state = meta["rng"]["model"]
+        model.seed(model_rng)                    # every block draws from this one Generator
+        data_rng.bit_generator.state = meta["rng"]["data"]
+        start_epoch, history, progress = meta["epoch"], meta["metrics"], meta["progress"]
+    else:
+        _check_new_out_dir(out_dir)
+    model.to(device)
+    optimizer = AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    if resume:
+        optimizer.load_state_dict(optim_state)
+    params = model.parameters()
+    best_acc = max((row["test_acc"] for row in history), default=-1.0)
+
+    def save(path, epoch, progress=None, with_optimizer=True):
+        """Everything needed to continue (or to evaluate) the run, in one file."""
+        rng_state = {"data": data_rng.bit_generator.state, "model": model.rng.bit_generator.state}
+        extra = {"recipe": recipe.to_dict(), "metrics": history, "progress": progress,
+                 "data": {"train_images": n_train, "test_images": n_test},
+                 "normalize": {"mean": mean, "std": std}, "run": run_info or {},
+                 "minivit_version": __version__}
+        save_checkpoint(path, model, optimizer if with_optimizer else None, epoch, rng_state, extra)
+
+    # ---- print the resolved settings
+    preset = (run_info or {}).get("preset")
+    resumed = ""
+    if resume:
+        resumed = (f" (resumed after epoch {start_epoch})" if progress is None else
+                   f" (resumed in epoch {start_epoch + 1}, after step {progress['step']})")
+    print(f"minivit train{resumed}")
+    print(f"  model   {preset + ': ' if preset else ''}{config}")
+    print(f"          {model.num_parameters():,} parameters, on the {device}")
+    print("  recipe  " + " ".join(f"{k}={v}" for k, v in recipe.to_dict().items()))
+    print(f"  data    {n_train} training and {n_test} test images of {'x'.join(map(str, train_images.shape[1:]))}; "
+          f"{steps_per_epoch} steps per epoch, {total_steps} steps, {warmup_steps} of warmup")
+    print(f"  out     {out_dir}")
+    if start_epoch >= recipe.epochs:
+        print(f"the run is already complete ({start_epoch}/{recipe.epochs} epochs); nothing to do")
+        return TrainResult("already finished", start_epoch, history, out_dir)
+
+    saved = None                                 # the last checkpoint on disk, for messages
+    if resume:
+        saved = f"{checkpoint_path} (epoch {start_epoch})" if progress is None else \
+            f"{checkpoint_path} (epoch {start_epoch + 1}, stopped after step {progress['step']})"
+    bar = None
+    with _StopOnCtrlC() as ctrl_c:
+        try:
+            for epoch in range(start_epoch, recipe.epochs):
+                model.train()
+                epoch_start = time.perf_counter()
+                # A new order of the training images each epoch. A run stopped mid-epoch saved
+                # the Generator's state from before this draw, so resuming draws the same order.
+                if progress is not None:
+                    data_rng.bit_generator.state = progress["order_rng"]
+                order_rng = data_rng.bit_generator.state
+                order = data_rng.permutation(n_train)                              # (n_train,)
+                first_step, loss_sum, correct, seen, train_seconds = 0, 0.0, 0, 0, 0.0
+                if progress is not None:      # continue the stopped epoch where it was left
+                    data_rng.bit_generator.state = progress["data_rng"]
+                    first_step, loss_sum, correct, seen, train_seconds = (
+                        progress["step"], progress["loss_sum"], progress["correct"], progress["seen"],
+                        progress["train_seconds"])
+                    progress = None
+                seconds_before_resume = train_seconds
+                lr = optimizer.lr
+                bar = tqdm(total=n_train, initial=seen, unit="img", desc=f"epoch {epoch + 1}/{recipe.epochs}",
+                           leave=False, dynamic_ncols=True, mininterval=0.5)
+
+                for step in range(first_step, steps_per_epoch):
+                    step_start = time.perf_counter()
+                    global_step = epoch * steps_per_epoch + step
+                    index = order[step * B:(step + 1) * B]                         # (B,), fewer at the end
+                    images = augment(train_images[index], data_rng)                # uint8 (B, C, S, S)
+                    x = normalize(to_device(images, device), mean, std)            # float32 (B, C, S, S)
+                    y = to_device(train_labels[index], device)                     # (B,)
+                    lr = optimizer.lr = warmup_cosine(global_step, total_steps, warmup_steps, recipe.lr)
+
+                    logits = model(x)                                              # (B, K)
+                    loss, loss_cache = cross_entropy_forward(logits, y, recipe.label_smoothing)
+                    loss = float(loss)
+                    if not math.isfinite(loss):
+                        raise NonFiniteLossError(_diverged("loss", loss, epoch, step, lr, saved))
+                    model.zero_grad()
+                    model.backward(cross_entropy_backward(loss_cache))             # fills every p.grad
+                    if recipe.clip_grad > 0:
+                        # Scales all gradients together when their global norm is above clip_grad.
+                        grad_norm = clip_grad_norm(params, recipe.clip_grad)
+                        if not math.isfinite(grad_norm):
+                            raise NonFiniteLossError(_diverged("gradient norm", grad_norm, epoch, step, lr, saved))
+                    optimizer.step()
+
+                    train_seconds += time.perf_counter() - step_start
+                    loss_sum += loss * len(index)
+                    correct += int((logits.argmax(axis=1) == y).sum())
+                    seen += len(index)
+                    bar.update(len(index))
+                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
+                    if log_every and (global_step + 1) % log_every == 0:
+                        tqdm.write(f"step {global_step + 1}/{total_steps} | loss {loss_sum / seen:.4f} | "
+                                   f"acc {correct / seen:.4f} | {seen / train_seconds:.1f} img/s | lr {lr:.3g}")
+                    if ctrl_c.requested:
+                        # Stopped between two steps: the state is consistent, save it mid-epoch.
+                        stopped = {"step": step + 1, "order_rng": order_rng, "data_rng": data_rng.bit_generator.state,
+                                   "loss_sum": loss_sum, "correct": correct, "seen": seen,
+                                   "train_seconds": train_seconds}
+                        save(checkpoint_path, epoch, progress=stopped)
+                        bar.close()
+                        print(f"stopped at epoch {epoch + 1}, step {step + 1}/{steps_per_epoch}; "
+                              f"saved {checkpoint_path}")
+                        _print_resume_hint(out_dir)
+                        return TrainResult("interrupted", epoch, history, out_dir)
+                bar.close()
+
+                # ---- end of the epoch: test, save, report
+                test_loss, test_acc = evaluate(model, test_images, test_labels, B, mean, std, device)
+                # Wall time of the epoch (training and testing); images_per_second counts the
+                # training steps only.
+                epoch_seconds = time.perf_counter() - epoch_start + seconds_before_resume
+                row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                       "test_loss": test_loss, "test_acc": test_acc, "epoch_seconds": epoch_seconds,
+                       "images_per_second": seen / train_seconds}
+                history.append(row)
+                # The checkpoint first: it is the record of the run; metrics.csv and curves.png
+                # are redrawn from its history, so they never get ahead of it.
+                save(checkpoint_path, epoch + 1)
+                saved = f"{checkpoint_path} (epoch {epoch + 1})"
+                if test_acc > best_acc:
+                    best_acc = test_acc
+                    save(best_path, epoch + 1, with_optimizer=False)
+                write_metrics_csv(out_dir / METRICS, history)
+                plot_curves(out_dir / CURVES, history, recipe.label_smoothing)
+                print(f"epoch {epoch + 1}/{recipe.epochs} | "
+                      f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
+                      f"test loss {test_loss:.4f} acc {test_acc:.4f} | "
+                      f"{epoch_seconds:.1f} s, {row['images_per_second']:.1f} img/s | lr {lr:.3g}")
+                if ctrl_c.requested:
+                    print(f"stopped after epoch {epoch + 1}; saved {checkpoint_path}")
+                    _print_resume_hint(out_dir)
+                    return TrainResult("interrupted", epoch + 1, history, out_dir)
+        except KeyboardInterrupt:
+            # A second Ctrl-C (or one that arrived outside the main thread's handler) can land in
+            # the middle of a step, when the weights may be half updated: nothing is saved now.
+            if bar is not None:
+                bar.close()
+            print(f"\ninterrupted; the step in progress was not saved. "
+                  + (f"The last checkpoint is {saved}." if saved else "No checkpoint was written yet."))
+            if saved:
+                _print_resume_hint(out_dir)
+            return TrainResult("interrupted", len(history), history, out_dir)
+        finally:
+            if bar is not None:     # also on an error such as a diverged loss
+                bar.close()
+
+    best = max(history, key=lambda r: r["test_acc"])
+    print(f"done: test accuracy {history[-1]['test_acc']:.4f} after {len(history)} epoch{'s' * (len(history) != 1)} "
+          f"(best {best['test_acc']:.4f} at epoch {best['epoch']}); results in {out_dir}")
+    return TrainResult("finished", len(history), history, out_dir)
+
+
+def evaluate(model, images, labels, batch_size, mean=CIFAR10_MEAN, std=CIFAR10_STD, device="cpu"):
+    """(mean cross-entropy, accuracy) on uint8 images: eval mode (no dropout), no augmentation.
+
+    The loss is the plain cross-entropy (no label smoothing), so it can be compared across runs."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    batches = iterate_batches(images, labels, batch_size, shuffle=False)
+    for batch_images, batch_labels in tqdm(batches, total=math.ceil(len(images) / batch_size), desc="test",
+                                           unit="batch", leave=False, dynamic_ncols=True, mininterval=0.5):
+        x = normalize(to_device(batch_images, device), mean, std)                 # float32 (B, C, S, S)
+        y = to_device(batch_labels, device)                                       # (B,)
+        logits = model(x)                                                          # (B, K)
+        loss, _ = cross_entropy_forward(logits, y)
+        loss_sum += float(loss) * len(y)
+        correct += int((logits.argmax(axis=1) == y).sum())
+    model.clear_cache()              # forward keeps activations for a backward that will not come
+    model.train(was_training)
+    return loss_sum / len(images), correct / len(images)
+
+
+def _diverged(what, value, epoch, step, lr, saved):
+    return (f"the {what} is {value} at epoch {epoch + 1}, step {step + 1} (lr {lr:.3g}): training diverged "
+            f"and was stopped. "
+            + (f"The last good checkpoint is {saved}. " if saved else "No checkpoint was written yet. ")
+            + "Try a lower --lr, a longer --warmup or --clip-grad 1.")
+
+
+def _print_resume_hint(out_dir):
+    print(f"resume with: minivit train --resume --out {out_dir}")
+
+
+class _StopOnCtrlC:
+    """Within `with`, the first Ctrl-C only sets `.requested`: the loop finishes the step it is
+    in and saves a checkpoint, so nothing half-updated is ever saved. A second Ctrl-C raises
+    KeyboardInterrupt at once, as usual. (Signal handlers can only be set in the main thread;
+    elsewhere Ctrl-C keeps its usual behaviour.)"""
+
+    def __enter__(self):
+        self.requested = False
+        self._installed = threading.current_thread() is threading.main_thread()
+        if self._installed:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        tqdm.write("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to quit at once)")
+
+    def __exit__(self, *exc_info):
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+# ============================================================================= checks
+
+def _check_data(data, config: ViTConfig):
+    for name in ("train_images", "train_labels", "test_images", "test_labels"):
+        if not isinstance(getattr(data, name, None), np.ndarray):
+            raise TypeError(f"data.{name} must be a NumPy array, got {type(getattr(data, name, None)).__name__}")
+    expected = (config.in_chans, config.img_size, config.img_size)
+    for split in ("train", "test"):
+        images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise TypeError(f"data.{split}_images must be uint8 (n, C, S, S), got {images.dtype} {images.shape}")
+        if tuple(images.shape[1:]) != expected:
+            raise ValueError(f"the model takes images of {'x'.join(map(str, expected))} but the {split} images are "
+                             f"{'x'.join(map(str, images.shape[1:]))}; for CIFAR-10 use a cifar-* preset "
+                             f"(or --set img_size=32 --set num_classes=10)")
+        if labels.shape != (len(images),) or labels.dtype.kind not in "iu":
+            raise ValueError(f"data.{split}_labels must be integers of shape ({len(images)},), "
+                             f"got {labels.dtype} {labels.shape}")
+        if len(images) == 0:
+            raise ValueError(f"the {split} split is empty")
+        if labels.min() < 0 or labels.max() >= config.num_classes:
+            raise ValueError(f"{split} labels go from {labels.min()} to {labels.max()}, but the model has "
+                             f"num_classes={config.num_classes}")
+
+
+def _check_new_out_dir(out_dir: Path):
+    """Never write a new run over an old one."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if (out_dir / CHECKPOINT).exists():
+            raise ValueError(f"{out_dir} already holds a run ({CHECKPOINT}); continue it with "
+                             f"`minivit train --resume --out {out_dir}`, or choose a new --out")
+        raise ValueError(f"{out_dir} is not empty; choose a new --out (a new run goes into an empty directory)")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _check_resume(meta, config, recipe, n_train, n_test, mean, std, path):
+    """A resumed run must continue with exactly what it was started with."""
+    problems = []
+    if "progress" not in meta or "rng" not in meta or meta.get("optimizer") is None:
+        raise ValueError(f"{path} is not a training checkpoint that can be resumed (best.npz holds weights only)")
+    if meta["config"] != config.to_dict():
+        diff = {k: (v, config.to_dict().get(k)) for k, v in meta["config"].items() if config.to_dict().get(k) != v}
+        problems.append(f"model config differs (saved vs given: {diff})")
+    if meta.get("recipe") != recipe.to_dict():
+        diff = {k: (v, recipe.to_dict().get(k)) for k, v in meta.get("recipe", {}).items()
+                if recipe.to_dict().get(k) != v}
+        problems.append(f"recipe differs (saved vs given: {diff})")
+    if meta.get("data") != {"train_images": n_train, "test_images": n_test}:
+        problems.append(f"data differs (saved {meta.get('data')}, given {n_train} train / {n_test} test images)")
+    if meta.get("normalize") != {"mean": list(mean), "std": list(std)}:
+        problems.append(f"normalisation differs (saved {meta.get('normalize')})")
+    if problems:
+        raise ValueError(f"cannot resume {path}: " + "; ".join(problems))
+
+
+# ============================================================================= metrics and curves
+
+def write_metrics_csv(path, history):
+    """metrics.csv, one row per epoch, rewritten whole from the history each time."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: row[k] for k in METRIC_COLUMNS})
+    _write_atomically(path, text.getvalue().encode())
+
+
+def read_metrics_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def plot_curves(path, history, label_smoothing=0.0):
+    """curves.png: loss and accuracy against epoch, train and test."""
+    # matplotlib.figure.Figure draws off-screen (Agg for .png) without pyplot, so no global
+    # backend is switched and no window can open.
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+    epochs = [row["epoch"] for row in history]
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    smoothed = f", label smoothing {label_smoothing}" if label_smoothing else ""
+    loss_ax.plot(epochs, [r["train_loss"] for r in history], "o-", label=f"train (augmented{smoothed})")
+    loss_ax.plot(epochs, [r["test_loss"] for r in history], "o-", label="test")
+    loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
+    acc_ax.plot(epochs, [r["train_acc"] for r in history], "o-", label="train (augmented)")
+    acc_ax.plot(epochs, [r["test_acc"] for r in history], "o-", label="test")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # epochs are whole numbers
+        ax.grid(alpha=0.3)
+        ax.legend()
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
+    _write_atomically(path, png.getvalue())
+
+
+def _write_atomically(path, content: bytes):
+    """Write to a temporary file beside path, then rename it over path (never a half file)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+        os.chmod(tmp, DEFAULT_FILE_MODE)          # mkstemp made it private (0600)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ============================================================================= command line
+
+def _load_data(data_path, limit_train, limit_test):
+    """(CIFAR-10, where it was found), from --data / $MINIVIT_DATA / the cache (or downloaded)."""
+    path = find_cifar10(data_path)
+    # load_cifar10's limit cuts both splits; read only as much as the larger of the two needs.
+    limit = None if limit_train is None or limit_test is None else max(limit_train, limit_test)
+    return load_cifar10(path, limit=limit), Path(path).resolve()
+
+
+def register(subparsers):
+    r = RECIPE
+    p = subparsers.add_parser(
+        "train", help="train a ViT on CIFAR-10 (the recipe by default)",
+        description="Train a ViT on CIFAR-10 with AdamW, linear warmup + cosine decay, label smoothing, "
+                    "random crop + flip. Writes checkpoint.npz, best.npz, metrics.csv and curves.png to --out.")
+    p.add_argument("--preset", default=None,
+                   help=f"model preset (default {DEFAULT_PRESET}); one of: {', '.join(PRESETS)}")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                   help="override a model config field, e.g. --set depth=4 (repeatable)")
+    # Recipe options default to None, meaning "not given": the recipe's value is used, and a
+    # resumed run can tell an option given on the command line from a default.
+    p.add_argument("--epochs", type=int, metavar="N", help=f"number of epochs (default {r.epochs})")
+    p.add_argument("--batch-size", type=int, metavar="N", help=f"images per step (default {r.batch_size})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {r.lr})")
+    p.add_argument("--weight-decay", type=float, metavar="WD", help=f"AdamW weight decay (default {r.weight_decay})")
+    p.add_argument("--warmup", type=float, metavar="EPOCHS",
+                   help=f"epochs of linear warmup, fractions allowed (default {r.warmup})")
+    p.add_argument("--label-smoothing", type=float, metavar="S", help=f"label smoothing (default {r.label_smoothing})")
+    p.add_argument("--clip-grad", type=float, metavar="NORM",
+                   help=f"max global gradient norm, 0 = off (default {r.clip_grad})")
+    p.add_argument("--seed", type=int, metavar="N", help=f"random seed (default {r.seed})")
+    p.add_argument("--limit-train", type=int, metavar="N", help="train on the first N training images only")
+    p.add_argument("--limit-test", type=int, metavar="N", help="test on the first N test images only")
+    p.add_argument("--init", metavar="PATH", help="start from pretrained weights (minivit.pretrained formats): "
+                   "new 10-class head, position embeddings resampled to 32x32")
+    p.add_argument("--data", metavar="PATH", help="CIFAR-10 archive or directory (default: $MINIVIT_DATA, "
+                   "the cache, or download)")
+    p.add_argument("--out", metavar="DIR", help="output directory (default runs/<preset>-<date>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out DIR from its checkpoint.npz")
+    p.add_argument("--device", choices=DEVICES, default="cpu", help="cpu (NumPy) or gpu (CuPy) (default cpu)")
+    p.add_argument("--log-every", type=int, default=100, metavar="N",
+                   help="print a step | loss | acc | img/s line every N steps, 0 = never (default 100)")
+    p.set_defaults(func=_run_train)
+
+    e = subparsers.add_parser("eval", help="test accuracy of a checkpoint",
+                              description="Evaluate a checkpoint (checkpoint.npz or best.npz) on the CIFAR-10 test "
+                                          "images: by default the same ones its training run tested on.")
+    e.add_argument("checkpoint", metavar="CHECKPOINT", help="a .npz file written by minivit train")
+    e.add_argument("--data", metavar="PATH", help="CIFAR-10 archive or directory (default: where training found it)")
+    e.add_argument("--limit-test", type=int, metavar="N", help="first N test images (default: as in training)")
+    e.add_argument("--batch-size", type=int, metavar="N", help="images per batch (default: as in training)")
+    e.add_argument("--device", choices=DEVICES, default="cpu")
+    e.set_defaults(func=_run_eval)
+
+
+def _run_train(args) -> int:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if getattr(args, f.name) is not None}
+    if args.log_every < 0:
+        raise ValueError(f"--log-every must be >= 0, got {args.log_every}")
+    if args.resume:
+        # A resumed run continues with its saved model and recipe; options that would change
+        # them are refused rather than quietly ignored.
+        if not args.out:
+            raise ValueError("--resume needs --out DIR, the directory of the run to continue")
+        meta = read_checkpoint_meta(Path(args.out) / CHECKPOINT)
+        saved = meta.get("recipe") or {}
+        changed = {k: v for k, v in given.items() if saved.get(k) != v}
+        for name, value in (("preset", args.preset), ("set", args.overrides), ("init", args.init)):
+            if value:
+                changed[name] = value
+        if changed:
+            raise ValueError(f"--resume continues {args.out} with its saved settings; remove "
+                             + ", ".join(f"{_option(k)} {v}" for k, v in changed.items())
+                             + " (or start a new run with a new --out)")
+        config, recipe = ViTConfig.from_dict(meta["config"]), Recipe(**saved)
+        mean, std = meta["normalize"]["mean"], meta["normalize"]["std"]
+        # Without --data, look where the run found its data first (if that is still there).
+        saved_data = (meta.get("run") or {}).get("data")
+        data_path = args.data or (saved_data if saved_data and Path(saved_data).exists() else None)
+        data, _ = _load_data(data_path, recipe.limit_train, recipe.limit_test)
+        result = train(config, data, recipe, args.out, resume=True, mean=mean, std=std, device=args.device,
+                       log_every=args.log_every, run_info=meta.get("run"))
+        return 130 if result.status == "interrupted" else 0
+
+    recipe = RECIPE.replace(**given)             # validates every value
+    overrides = parse_overrides(args.overrides)
+    init_state, mean, std = None, CIFAR10_MEAN, CIFAR10_STD
+    if args.init:
+        if args.preset:
+            raise ValueError("--init takes the model from the pretrained file; leave out --preset")
+        preset = Path(args.init).stem
+    else:
+        preset = args.preset or DEFAULT_PRESET
+        config = get_preset(preset, **overrides)
+    out_dir = Path(args.out) if args.out else Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_new_out_dir_early(out_dir)            # fail before loading data, not after
+    data, data_path = _load_data(args.data, recipe.limit_train, recipe.limit_test)
+    if args.init:
+        from .pretrained import load_pretrained
+        # A new zero-initialised head for the data set's classes, position embeddings resampled
+        # to its image size; --set can still change shape-free options such as drop_path.
+        pretrained, info = load_pretrained(args.init, num_classes=len(data.classes),
+                                           img_size=data.train_images.shape[-1], seed=recipe.seed)
+        config = pretrained.config.replace(**overrides)
+        init_state = pretrained.state_dict()
+        mean, std = info["mean"], info["std"]    # normalise as the pretrained model was trained
+        print(f"init: {args.init} ({info['format']}), head {info['head']}, normalisation mean {mean} std {std}")
+    run_info = {"preset": preset, "overrides": args.overrides, "init": args.init, "data": str(data_path),
+                "command": "minivit " + " ".join(sys.argv[1:])}
+    result = train(config, data, recipe, out_dir, init_state=init_state, mean=mean, std=std, device=args.device,
+                   log_every=args.log_every, run_info=run_info)
+    return 130 if result.status == "interrupted" else 0
+
+
+def _check_new_out_dir_early(out_dir: Path):
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        _check_new_out_dir(out_dir)              # raises with the precise reason
+
+
+def _run_eval(args) -> int:
+    state, _, meta = load_checkpoint(args.checkpoint)
+    config = ViTConfig.from_dict(meta["config"])
+    saved = meta.get("recipe") or {}
+    limit_test = args.limit_test if args.limit_test is not None else saved.get("limit_test")
+    batch_size = args.batch_size if args.batch_size is not None else saved.get("batch_size", RECIPE.batch_size)
+    if limit_test is not None:
+        _check_int("limit_test", limit_test, low=1)
+    _check_int("batch_size", batch_size, low=1)
+    norm = meta.get("normalize") or {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
+
+    model = ViT(config)
+    model.load_state_dict(state)
+    model.to(args.device)
+    saved_data = (meta.get("run") or {}).get("data")     # where training found its data
+    data_path = args.data or (saved_data if saved_data and Path(saved_data).exists() else None)
+    data = load_cifar10(find_cifar10(data_path), limit=limit_test)
+    _check_data(data, config)
+    n = len(data.test_images)
+    loss, acc = evaluate(model, data.test_images, data.test_labels, batch_size, norm["mean"], norm["std"], args.device)
+    print(f"{args.checkpoint}: epoch {meta['epoch']}, {n} test images | test loss {loss:.4f} | "
+          f"test acc {acc:.4f} ({round(acc * n)}/{n} correct)")
+    return 0

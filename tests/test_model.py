@@ -1,0 +1,273 @@
+"""The whole model: float64 gradient checks of every parameter tensor, names, state dicts,
+devices, dtypes and clear errors on bad input."""
+import numpy as np
+import pytest
+
+from minivit import ViT, ViTConfig, get_preset
+from minivit.gradcheck import TOLERANCE, check_model
+from minivit.ops import cross_entropy_backward, cross_entropy_forward
+
+TINY = ViTConfig(img_size=8, patch_size=4, in_chans=2, num_classes=3, dim=8, depth=2, heads=2, mlp_dim=12)
+
+
+def tiny_model(**overrides):
+    return ViT(TINY.replace(**overrides), seed=1).astype(np.float64)
+
+
+def batch(rng, cfg=TINY, B=3, dtype=np.float64):
+    x = rng.standard_normal((B, cfg.in_chans, cfg.img_size, cfg.img_size)).astype(dtype)
+    y = rng.integers(0, cfg.num_classes, B)
+    return x, y
+
+
+def randomise(model, rng, scale=0.3):
+    """Initial weights are tiny (std .02) and make some gradients nearly vanish; random
+    weights of a larger scale, and non-trivial LayerNorm parameters, test every path."""
+    for name, p in model.named_parameters():
+        p.data[...] = rng.standard_normal(p.shape) * scale + (1.0 if name.endswith("norm1.weight") else 0.0)
+
+
+def assert_all_pass(errors, model):
+    names = {n for n, _ in model.named_parameters()}
+    assert names | {"images"} == set(errors), "every parameter tensor and the input must be checked"
+    bad = {k: v for k, v in errors.items() if not v < TOLERANCE}
+    assert not bad, f"gradient check failed: {bad}"
+
+
+# ----------------------------------------------------------------------------- gradient checks
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+@pytest.mark.parametrize("pos_embed", ["learned", "sincos2d", "none"])
+def test_whole_model_gradients(rng, pool, pos_embed):
+    model = tiny_model(pool=pool, pos_embed=pos_embed)
+    randomise(model, rng)
+    x, y = batch(rng)
+    assert_all_pass(check_model(model, x, y, samples=6), model)
+
+
+@pytest.mark.parametrize("gelu", ["exact", "tanh"])
+def test_whole_model_gradients_other_options(rng, gelu):
+    model = tiny_model(gelu=gelu, qkv_bias=False, ln_eps=1e-5)
+    randomise(model, rng)
+    x, y = batch(rng)
+    assert_all_pass(check_model(model, x, y, samples=6, label_smoothing=0.1), model)
+
+
+def test_whole_model_gradients_with_dropout_and_drop_path_fixed_masks(rng):
+    """In training mode every pass draws new masks; reseeding before each forward pass
+    fixes them, so the loss is one differentiable function and the check applies."""
+    model = tiny_model(dropout=0.2, attn_dropout=0.2, drop_path=0.3).train()
+    randomise(model, rng)
+    x, y = batch(rng, B=4)
+    # the masks really are active: two seeds give different outputs
+    assert not np.allclose(model.seed(1)(x), model.seed(2)(x))
+    assert_all_pass(check_model(model, x, y, samples=6, mask_seed=5), model)
+
+
+def test_every_gradient_entry_of_a_tiny_model(rng):
+    """No sampling: every entry of every parameter of a 1-block model."""
+    model = ViT(TINY.replace(depth=1, dim=4, heads=2, mlp_dim=6), seed=0).astype(np.float64)
+    randomise(model, rng)
+    x, y = batch(rng, B=2)
+    assert_all_pass(check_model(model, x, y, samples=None), model)
+    # check_model leaves out the key bias, whose true gradient is exactly 0 (softmax
+    # ignores a constant added to a row of scores): it must come out as 0.
+    model.zero_grad()
+    out = model(x)
+    model.backward(cross_entropy_backward(cross_entropy_forward(out, y)[1]))
+    assert np.abs(model.blocks[0].attn.qkv.bias.grad[4:8]).max() < 1e-12
+
+
+def test_checker_catches_a_planted_bug_in_the_model(rng, monkeypatch):
+    """Break one backward (forget GELU's x * pdf term) and the whole-model check must fail."""
+    from minivit import ops
+
+    model = tiny_model()
+    randomise(model, rng)
+    x, y = batch(rng)
+    wrong = lambda dout, cache: dout * cache[1]     # noqa: E731  d/dx [x Phi(x)] without x * pdf(x)
+    monkeypatch.setattr(ops, "gelu_backward", wrong)
+    try:                                            # the fast path, where there is one, too
+        import minivit.fastops as fast
+        monkeypatch.setattr(fast, "gelu_backward", wrong, raising=False)
+    except ImportError:
+        pass
+    errors = check_model(model, x, y, samples=6)
+    assert errors["blocks.0.mlp.fc1.weight"] > 1e-3
+
+
+# ----------------------------------------------------------------------------- structure
+
+def test_timm_parameter_names_and_shapes():
+    cfg = get_preset("vit-ti16", depth=2)
+    shapes = {n: p.shape for n, p in ViT(cfg).named_parameters()}
+    D, N = 192, 197
+    expected = {
+        "cls_token": (1, 1, D), "pos_embed": (1, N, D),
+        "patch_embed.proj.weight": (D, 3, 16, 16), "patch_embed.proj.bias": (D,),
+        "blocks.1.norm1.weight": (D,), "blocks.1.norm1.bias": (D,),
+        "blocks.1.attn.qkv.weight": (3 * D, D), "blocks.1.attn.qkv.bias": (3 * D,),
+        "blocks.1.attn.proj.weight": (D, D), "blocks.1.attn.proj.bias": (D,),
+        "blocks.1.norm2.weight": (D,), "blocks.0.mlp.fc1.weight": (4 * D, D), "blocks.0.mlp.fc1.bias": (4 * D,),
+        "blocks.0.mlp.fc2.weight": (D, 4 * D), "blocks.0.mlp.fc2.bias": (D,),
+        "norm.weight": (D,), "norm.bias": (D,), "head.weight": (1000, D), "head.bias": (1000,),
+    }
+    for name, shape in expected.items():
+        assert shapes[name] == shape, name
+    assert len(shapes) == 4 + 12 * 2 + 4
+
+
+def test_parameter_counts_of_the_paper_models():
+    """Exact counts with a 1000-class head, from the config alone (ViT-H is 632M parameters:
+    not allocated), and the counter agrees with real models where allocating is cheap."""
+    from minivit.shapes import count_parameters
+
+    expected = {"vit-ti16": 5_717_416, "vit-s16": 22_050_664, "vit-b16": 86_567_656,
+                "vit-b32": 88_224_232, "vit-l16": 304_326_632, "vit-h14": 632_045_800}
+    assert {k: count_parameters(get_preset(k)) for k in expected} == expected
+    for name in ("vit-ti16", "cifar-lesson", "cifar-recipe", "cifar-vit2"):
+        assert ViT(name).num_parameters() == count_parameters(get_preset(name))
+    for overrides in ({"qkv_bias": False}, {"pos_embed": "sincos2d"}, {"pos_embed": "none"}, {"num_classes": 0}):
+        cfg = TINY.replace(**overrides)
+        assert ViT(cfg).num_parameters() == count_parameters(cfg)
+
+
+def test_cifar_lesson_preset_is_about_one_million_parameters():
+    assert 0.9e6 < ViT("cifar-lesson").num_parameters() < 1.1e6
+
+
+def test_initialisation_is_seeded_and_timm_like():
+    a, b, c = ViT("cifar-lesson", seed=0), ViT("cifar-lesson", seed=0), ViT("cifar-lesson", seed=1)
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert np.array_equal(pa.data, pb.data), name
+        assert pa.data.dtype == np.float32
+    w = a.blocks[0].mlp.fc1.weight.data
+    assert not np.array_equal(w, c.blocks[0].mlp.fc1.weight.data)
+    assert abs(w.std() - 0.02 * 0.88) < 0.001          # a normal truncated at 2 std has std 0.88 sigma
+    assert np.abs(w).max() <= 0.04 + 1e-7
+    assert np.all(a.blocks[0].attn.qkv.bias.data == 0) and np.all(a.norm.weight.data == 1)
+    assert np.abs(a.cls_token.data).max() < 1e-5
+
+
+def test_forward_backward_shapes_and_dtype(rng):
+    model = ViT("cifar-lesson")
+    x = rng.standard_normal((4, 3, 32, 32)).astype(np.float32)
+    logits = model(x)
+    assert logits.shape == (4, 10) and logits.dtype == np.float32
+    dx = model.backward(np.ones_like(logits))
+    assert dx.shape == x.shape and dx.dtype == np.float32
+    assert all(p.grad is not None and p.grad.dtype == np.float32 and p.grad.shape == p.shape
+               for p in model.parameters())
+
+
+def test_gradients_accumulate_until_zero_grad(rng):
+    model = tiny_model()
+    x, y = batch(rng)
+    for _ in range(2):
+        model.backward(cross_entropy_backward(cross_entropy_forward(model(x), y)[1]))
+    twice = model.head.weight.grad.copy()
+    model.zero_grad()
+    assert model.head.weight.grad is None
+    model.backward(cross_entropy_backward(cross_entropy_forward(model(x), y)[1]))
+    np.testing.assert_allclose(twice, 2 * model.head.weight.grad)
+
+
+def test_mean_pool_without_head_returns_features(rng):
+    model = tiny_model(num_classes=0, pool="mean")
+    x, _ = batch(rng)
+    assert model(x).shape == (3, TINY.dim)
+
+
+def test_eval_mode_is_deterministic_and_train_mode_is_not(rng):
+    model = ViT(TINY.replace(dropout=0.3, drop_path=0.2), seed=0)
+    x, _ = batch(rng, dtype=np.float32)
+    model.eval()
+    assert np.array_equal(model(x), model(x))
+    model.train()
+    assert not np.array_equal(model(x), model(x))
+
+
+# ----------------------------------------------------------------------------- state dict, dtype, device
+
+def test_state_dict_round_trip(rng):
+    a, b = ViT(TINY, seed=0), ViT(TINY, seed=1)
+    b.load_state_dict({k: v.copy() for k, v in a.state_dict().items()})
+    x, _ = batch(rng, dtype=np.float32)
+    assert np.array_equal(a(x), b(x))
+
+
+def test_load_state_dict_rejects_mismatches_and_changes_nothing():
+    model = ViT(TINY, seed=0)
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    good = {k: v.copy() for k, v in before.items()}
+    with pytest.raises(KeyError, match="missing keys \\['head.bias'\\]"):
+        model.load_state_dict({k: v for k, v in good.items() if k != "head.bias"})
+    with pytest.raises(KeyError, match="unexpected keys \\['blocks.9.norm1.weight'\\]"):
+        model.load_state_dict({**good, "blocks.9.norm1.weight": np.ones(8)})
+    bad_shape = dict(good, **{"head.weight": np.zeros((4, 8), np.float32), "norm.bias": np.ones(8) * 7})
+    with pytest.raises(ValueError, match="'head.weight' has shape \\(4, 8\\), the model expects \\(3, 8\\)"):
+        model.load_state_dict(bad_shape)
+    with pytest.raises(TypeError):
+        model.load_state_dict([("head.weight", np.zeros((3, 8)))])
+    for k, v in model.state_dict().items():
+        assert np.array_equal(v, before[k]), f"{k} changed although loading failed"
+    missing, unexpected = model.load_state_dict({"head.bias": np.ones(3)}, strict=False)
+    assert "head.weight" in missing and unexpected == [] and np.all(model.head.bias.data == 1)
+
+
+def test_astype_float64_and_back(rng):
+    model = ViT(TINY).astype(np.float64)
+    assert all(p.data.dtype == np.float64 for p in model.parameters())
+    x, _ = batch(rng)
+    assert model(x).dtype == np.float64
+    model.astype("float32")
+    assert model.dtype == np.float32
+    with pytest.raises(TypeError, match="float32 or float64"):
+        model.astype(np.int32)
+
+
+def test_gpu_without_cupy_is_a_clear_error():
+    from minivit.backend import gpu_available
+
+    if gpu_available():
+        pytest.skip("a GPU is available here; the error path is for machines without one")
+    with pytest.raises(RuntimeError, match="CuPy|CUDA device"):
+        ViT(TINY).to("gpu")
+    with pytest.raises(ValueError, match="'cpu', 'gpu'"):
+        ViT(TINY).to("tpu")
+    assert ViT(TINY).to("cpu").device == "cpu"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: [[0.0]], TypeError, "NumPy or CuPy array"),
+    (lambda: np.zeros((2, 3, 8, 8), np.float32), ValueError, r"shape \(B, 2, 8, 8\), got \(2, 3, 8, 8\)"),
+    (lambda: np.zeros((2, 8, 8, 2), np.float32), ValueError, "channels-last"),
+    (lambda: np.zeros((2, 8, 8), np.float32), ValueError, "shape"),
+    (lambda: np.zeros((2, 2, 16, 16), np.float32), ValueError, r"got \(2, 2, 16, 16\)"),
+    (lambda: np.zeros((0, 2, 8, 8), np.float32), ValueError, "empty"),
+    (lambda: np.zeros((2, 2, 8, 8), np.uint8), TypeError, "floating point, got dtype uint8"),
+    (lambda: np.zeros((2, 2, 8, 8), np.float64), TypeError, "dtype float64 but the model is float32"),
+    (lambda: np.full((2, 2, 8, 8), np.nan, np.float32), ValueError, "NaN or infinite"),
+    (lambda: np.full((2, 2, 8, 8), np.inf, np.float32), ValueError, "NaN or infinite"),
+])
+def test_bad_images_are_clear_errors(make, error, message):
+    with pytest.raises(error, match=message):
+        ViT(TINY)(make())
+
+
+def test_backward_errors():
+    model = ViT(TINY)
+    with pytest.raises(RuntimeError, match="without a matching forward"):
+        model.backward(np.zeros((2, 3), np.float32))
+    model(np.zeros((2, 2, 8, 8), np.float32))
+    with pytest.raises(ValueError, match=r"shape \(2, 3\)"):
+        model.backward(np.zeros((2, 4), np.float32))
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="unknown preset 'vit-z'"):
+        ViT("vit-z")
+    with pytest.raises(TypeError, match="ViTConfig or a preset name"):
+        ViT({"dim": 8})

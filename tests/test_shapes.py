@@ -1,0 +1,71 @@
+"""The shape walk-through: `minivit shapes` and minivit.shapes.walk."""
+import numpy as np
+import pytest
+
+from minivit import ViT, ViTConfig, get_preset
+from minivit.cli import main
+from minivit.shapes import count_flops, parse_overrides, walk
+
+
+def test_vit_b16_walk_has_the_papers_shapes():
+    rows = {s.name: s for s in walk(get_preset("vit-b16"))}
+    assert rows["image"].shape == "3 x 224 x 224"
+    assert rows["patchify"].shape == "196 x 768"
+    assert rows["pos_embed"].shape == "197 x 768"
+    assert rows["blocks.0.attn.qkv"].shape == "197 x 2304"
+    assert rows["  split heads"].shape == "3 x 12 x 197 x 64"
+    assert rows["  q @ k^T / sqrt(hs)"].shape == "12 x 197 x 197"
+    assert rows["blocks.0.mlp.fc1"].shape == "197 x 3072"
+    assert rows["head"].shape == "1000"
+
+
+def test_flops_match_a_hand_count():
+    """ViT-B/16 forward: 2 x (patch embed + 12 x (qkv + 2 attention matmuls + proj + fc1 + fc2) + head)."""
+    N, D, F, H, hs = 197, 768, 3072, 12, 64
+    block = 2 * (N * D * 3 * D + 2 * H * N * N * hs + N * D * D + 2 * N * D * F)
+    expected = 2 * 196 * 768 * 768 + 12 * block + 2 * 768 * 1000
+    assert count_flops(get_preset("vit-b16")) == expected
+
+
+def test_walk_shapes_match_the_real_model(rng):
+    """The printed shapes are the shapes the model really produces."""
+    cfg = ViTConfig(img_size=16, patch_size=4, num_classes=5, dim=12, depth=2, heads=3, mlp_dim=20)
+    model = ViT(cfg)
+    x = rng.standard_normal((1, 3, 16, 16)).astype(np.float32)
+    tokens = model.patch_embed(x)
+    rows = {s.name: s.shape for s in walk(cfg)}
+    assert rows["patch_embed.proj"] == " x ".join(map(str, tokens.shape[1:]))
+    assert rows["blocks.0.mlp.fc1"] == f"{cfg.num_tokens} x 20"
+    assert rows["head"] == str(model(x).shape[1])
+
+
+def test_cli_prints_the_table(capsys):
+    assert main(["shapes", "--preset", "vit-b16"]) == 0
+    out = capsys.readouterr().out
+    for text in ("196 x 768", "197 x 768", "197 x 2304", "12 x 197 x 197", "197 x 3072", "86,567,656"):
+        assert text in out
+
+
+def test_cli_overrides(capsys):
+    assert main(["shapes", "--preset", "cifar-lesson", "--set", "depth=2", "--set", "pool=mean",
+                 "--set", "qkv_bias=false"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.1-1" in out and "mean of patch tokens" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--set", "depth"], "must look like name=value"),
+    (["--set", "width=3"], "unknown config option 'width'"),
+    (["--set", "depth=many"], "'many' is not a valid value for depth"),
+    (["--set", "heads=5"], "not divisible by heads=5"),
+])
+def test_cli_bad_input_is_one_clear_line(capsys, args, message):
+    assert main(["shapes", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_parse_overrides_types():
+    assert parse_overrides(["depth=6", "mlp_dim=none", "dropout=0.1", "qkv_bias=False", "gelu=tanh"]) == {
+        "depth": 6, "mlp_dim": None, "dropout": 0.1, "qkv_bias": False, "gelu": "tanh"}
