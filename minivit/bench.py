@@ -16,19 +16,20 @@ thread count: torch.set_num_threads(N) for PyTorch, threadpoolctl for NumPy's BL
 (without threadpoolctl, OPENBLAS_NUM_THREADS must be set before Python starts).
 
 The machine is shared and timings drift, so the two frameworks run alternately in one
-process (minivit step, torch step, minivit step, ...) after a warm-up, and the report
-gives the median images/s of each, their ratio minivit / PyTorch, and the spread of
-the per-pair ratios.
+process (minivit, torch, torch, minivit, minivit, torch, ...) after a warm-up, and the
+report gives the median images/s of each, their ratio minivit / PyTorch, and the spread
+(min..max) of the ratios of the pairs run back to back.
 
 Peak memory of a training step is measured in a fresh subprocess per framework (so
 neither sees the other's allocations):
   RSS growth   peak resident memory (VmHWM) minus resident memory just before the first
-               step, over warm-up + 2 steps: gradients, optimizer state, activations kept
-               for backward and temporaries, as the operating system sees them.
-  traced peak  the peak of the framework's own tensor allocations during one step after
-               a warm-up step (optimizer state already there): tracemalloc for NumPy (NumPy
-               reports every array buffer to it), the profiler's memory events
-               (profile_memory=True) for PyTorch's CPU allocator.
+               step, over 2 steps: gradients, optimizer state, activations kept for
+               backward and temporaries, as the operating system sees them (memory that
+               malloc keeps for reuse counts too).
+  traced peak  the peak of the arrays allocated during one later step and alive at once
+               (optimizer state already there, so: activations, gradients, temporaries):
+               tracemalloc for NumPy (NumPy reports every array buffer to it), the
+               profiler's allocation records (profile_memory=True) for PyTorch.
 
 --profile adds where minivit's training step spends its time, op by op (forward and
 backward), found by wrapping the active ops (fastops or ops) and the modules with timers.
@@ -43,11 +44,12 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 
-from . import modules
+from . import fastops, modules
 from .config import PRESETS, ViTConfig, get_preset
 from .model import ViT
 from .ops import cross_entropy_backward, cross_entropy_forward
@@ -63,6 +65,7 @@ def set_threads(n: int, torch=None) -> str:
     """Use n threads in NumPy's BLAS (and PyTorch's intra-op pool). Returns how it was done."""
     if torch is not None:
         torch.set_num_threads(n)
+    fastops.set_num_threads(n)          # the threads of fastops' blockwise elementwise work
     try:
         from threadpoolctl import threadpool_info, threadpool_limits
     except ImportError:
@@ -265,14 +268,18 @@ def make_torch(model):
 # ----------------------------------------------------------------------------- alternating timing
 
 def alternate(fa, fb, steps: int, warmup: int):
-    """Run fa, fb, fa, fb, ... (warm-up pairs first, untimed); returns the two lists of seconds."""
+    """Run the two alternately, warm-up pairs first (untimed); returns the two lists of seconds.
+
+    The order flips every pair (a b, b a, a b, ...), so neither always runs right after
+    the other (whose threads may still be spinning down, whose data fills the caches)."""
     for _ in range(warmup):
         fa()
         fb()
     gc.collect()
     ta, tb = [], []
-    for _ in range(steps):
-        for f, times in ((fa, ta), (fb, tb)):
+    for i in range(steps):
+        pair = ((fa, ta), (fb, tb)) if i % 2 == 0 else ((fb, tb), (fa, ta))
+        for f, times in pair:
             t0 = time.perf_counter()
             f()
             times.append(time.perf_counter() - t0)
@@ -285,7 +292,7 @@ def summarize(ta, tb, batch_size):
     ips_a = batch_size / statistics.median(ta)
     ips_b = batch_size / statistics.median(tb)
     return {"minivit_img_s": ips_a, "torch_img_s": ips_b, "ratio": ips_a / ips_b,
-            "ratio_min": pair[0], "ratio_max": pair[-1],
+            "ratio_min": pair[0], "ratio_max": pair[-1], "ratio_pair_median": statistics.median(pair),
             "minivit_ms": 1e3 * statistics.median(ta), "torch_ms": 1e3 * statistics.median(tb)}
 
 
@@ -299,20 +306,55 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
-def _torch_traced_peak(step) -> int:
-    """Peak bytes of PyTorch CPU allocations live at once during step(), from profiler memory events."""
-    import torch
+def _torch_traced_peak(step):
+    """Peak bytes of PyTorch CPU allocations made during step() and live at once, from the
+    profiler's allocation records (profile_memory=True). Like tracemalloc, frees of tensors
+    that existed before the step are ignored. None if this PyTorch does not expose them."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
-    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    try:
+        stack = list(prof.profiler.kineto_results.experimental_event_tree())
+        records = []
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children)
+            fields = node.extra_fields
+            if type(fields).__name__ == "_ExtraFields_Allocation":
+                records.append((node.start_time_ns, fields.ptr, fields.alloc_size))
+    except AttributeError:
+        return None
     live = peak = 0
-    for e in events:
-        live += e.cpu_memory_usage
+    mine = {}
+    for _, ptr, size in sorted(records):
+        if size > 0:
+            mine[ptr] = size
+            live += size
+        elif ptr in mine:
+            live -= mine.pop(ptr)
         peak = max(peak, live)
-    del torch
     return peak
+
+
+def _release_free_memory():
+    """Hand memory that malloc keeps after frees (e.g. initialisation temporaries) back to the
+    OS, so the RSS baseline holds live data only and neither framework starts with a
+    reusable pool. glibc only; elsewhere a no-op."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _pos_table(config):
+    """The fixed sine-cosine table a ViT with this config uses (None for other position embeddings)."""
+    if config.pos_embed != "sincos2d":
+        return None
+    return modules.get_ops().sincos_2d_pos_embed(config.dim, config.grid_size)
 
 
 def memory_worker(framework: str, config: dict, batch_size: int, threads: int, ops: str) -> dict:
@@ -320,21 +362,25 @@ def memory_worker(framework: str, config: dict, batch_size: int, threads: int, o
     config = ViTConfig.from_dict(config)
     modules.set_ops(ops)
     images, labels = make_batch(config, batch_size)
-    model, opt = make_minivit(config)
     if framework == "minivit":
         set_threads(threads)
+        model, opt = make_minivit(config)
         step = lambda: minivit_train_step(model, opt, images, labels)   # noqa: E731
     else:
         import torch
 
         set_threads(threads, torch)
-        tmodel, topt = make_torch(model)
-        del model, opt
+        # PyTorch's own initialisation (the values do not change the memory), no minivit model
+        tmodel = build_torch_vit(config, _pos_table(config))
+        topt = torch.optim.AdamW(tmodel.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
         timages, tlabels = torch.from_numpy(images), torch.from_numpy(labels)
         step = lambda: torch_train_step(tmodel, topt, timages, tlabels)   # noqa: E731
-    gc.collect()
+    _release_free_memory()
     before = _rss_kib("VmRSS")
-    step()                                    # warm-up: allocates the optimizer state
+    step()                                    # warm-up: allocates the gradients and optimizer state
+    step()
+    rss_growth = (_rss_kib("VmHWM") - before) * 1024
+    # then, separately (the tracers use memory of their own), the traced peak of one more step
     if framework == "minivit":
         import tracemalloc
 
@@ -344,8 +390,7 @@ def memory_worker(framework: str, config: dict, batch_size: int, threads: int, o
         tracemalloc.stop()
     else:
         traced = _torch_traced_peak(step)
-    step()
-    return {"rss_growth": (_rss_kib("VmHWM") - before) * 1024, "traced_peak": traced}
+    return {"rss_growth": rss_growth, "traced_peak": traced}
 
 
 def measure_memory(framework, config, batch_size, threads, ops) -> dict:
@@ -371,6 +416,7 @@ class _Timers:
     """
 
     def __init__(self):
+        self.thread = threading.get_ident()   # calls from fastops' worker threads run untimed
         self.stack = [["step", 0.0, {}]]      # [name, child seconds, calls of each child name]
         self.path = ["step"]
         self.seconds = {}
@@ -379,6 +425,8 @@ class _Timers:
         timers = self
 
         def timed(*args, **kwargs):
+            if threading.get_ident() != timers.thread:
+                return fn(*args, **kwargs)
             parent = timers.stack[-1]
             k = parent[2].get(name, 0)
             parent[2][name] = k + 1
@@ -399,43 +447,47 @@ class _Timers:
         return timed
 
 
-# (op name, helper name, call index) -> label, where an op calls the same helper for two jobs
-_SECOND_LINEAR = {
-    ("attention_forward", 0): "attn.qkv", ("attention_forward", 1): "attn.proj",
-    ("attention_backward", 0): "attn.proj", ("attention_backward", 1): "attn.qkv",
-    ("mlp_forward", 0): "mlp.fc1", ("mlp_forward", 1): "mlp.fc2",
-    ("mlp_backward", 0): "mlp.fc2", ("mlp_backward", 1): "mlp.fc1",
+# Which linear layer a linear_* call is, by its parent op and call number.
+_LINEARS = {
+    "attention_forward": ("attn.qkv", "attn.proj"), "attention_backward": ("attn.proj", "attn.qkv"),
+    "mlp_forward": ("mlp.fc1", "mlp.fc2"), "mlp_backward": ("mlp.fc2", "mlp.fc1"),
 }
-_LABELS = {   # the innermost name that decides the label (later rules win over the outer ones)
+_ATTENTION_CORE = "attention core: q k^T, softmax, att v"
+_LABELS = {
     "layernorm_forward": "layernorm", "layernorm_backward": "layernorm",
-    "gelu_forward": "gelu", "gelu_backward": "gelu",
+    "gelu_forward": "gelu", "gelu_backward": "gelu", "_gelu": "gelu",
     "softmax_forward": "softmax", "softmax_backward": "softmax",
     "dropout_forward": "dropout / drop-path", "dropout_backward": "dropout / drop-path",
     "cls_pos_forward": "cls + pos_embed", "cls_pos_backward": "cls + pos_embed",
     "pool_forward": "pool", "pool_backward": "pool",
-    "attention_forward": "attention: matmuls, split/merge heads",
-    "attention_backward": "attention: matmuls, split/merge heads",
-    "mlp_forward": "mlp: glue", "mlp_backward": "mlp: glue",
+    # the attention op's own lines: in ops.py the q k^T and att v matmuls and the head
+    # split/merge transposes; in fastops buffers and the qkv bias gradient (the rest is
+    # in the fused core, _blockwise below)
+    "attention_forward": "attention: op body (ops.py: matmuls, head split/merge)",
+    "attention_backward": "attention: op body (ops.py: matmuls, head split/merge)",
+    "mlp_forward": "mlp: dropout, glue", "mlp_backward": "mlp: dropout, glue",
 }
 
 
 def _label(path):
+    """The profile row a call path belongs to (innermost rule wins)."""
     names = [p.rsplit("#", 1)[0] for p in path]
-    if "PatchEmbed.forward" in names or "PatchEmbed.backward" in names:
+    calls = [int(p.rsplit("#", 1)[1]) for p in path]
+    if any(n.startswith("PatchEmbed.") for n in names):
         return "patch embed"
     label = "modules: residual adds, grad accumulation"
     for i, name in enumerate(names):
+        parent = names[i - 1] if i else ""
         if name.startswith("ViT.") and i == len(names) - 1:
             label = "model glue"
-        if name in _LABELS:
+        elif name in _LABELS:
             label = _LABELS[name]
-        if name.startswith(("linear_forward", "linear_backward")) and i > 0 and names[i - 1] in (
-                "attention_forward", "attention_backward", "mlp_forward", "mlp_backward"):
-            label = _SECOND_LINEAR.get((names[i - 1], int(path[i].rsplit("#", 1)[1])), label)
-        elif name.startswith("linear_") and "Linear.forward" in names or "Linear.backward" in names:
-            label = "head" if label.startswith("modules") else label
-        if name.startswith("_attn_") or name in ("split_heads", "merge_heads"):
-            label = "attention: " + name.lstrip("_").replace("attn_", "")
+        elif name.startswith("linear_") and parent in _LINEARS:
+            label = _LINEARS[parent][min(calls[i], 1)]
+        elif name.startswith("linear_") and parent.startswith("Linear."):
+            label = "head"                      # the only Linear module outside the patch embedding
+        elif name == "_blockwise" and parent.startswith("attention_"):
+            label = _ATTENTION_CORE             # fastops: scores, softmax and att v fused per block of images
     return label
 
 
@@ -447,7 +499,9 @@ def _timed_everything(timers):
     ops_mod = modules.OPS
     patched = []
     for name, fn in list(vars(ops_mod).items()):
-        if callable(fn) and not isinstance(fn, type) and getattr(fn, "__module__", "").startswith("minivit"):
+        # the public ops, and fastops' GELU and block runner (the kernels run on worker threads)
+        if (callable(fn) and not isinstance(fn, type) and getattr(fn, "__module__", "").startswith("minivit")
+                and (not name.startswith("_") or name in ("_gelu", "_blockwise"))):
             patched.append((ops_mod, name, fn))
             setattr(ops_mod, name, timers.wrap(name, fn))
     classes = [modules.Linear, modules.LayerNorm, modules.PatchEmbed, modules.Attention, modules.Mlp,
@@ -516,6 +570,8 @@ def run(preset="cifar-lesson", batch_size=128, threads=None, steps=10, warmup=3,
 
     threads = threads or os.cpu_count() or 1
     config = get_preset(preset, **(overrides or {}))
+    if config.num_classes < 1:
+        raise ValueError("minivit bench trains with a cross-entropy loss: num_classes must be at least 1")
     previous = modules.set_ops(ops)
     try:
         how = set_threads(threads, torch)
@@ -565,6 +621,9 @@ def run(preset="cifar-lesson", batch_size=128, threads=None, steps=10, warmup=3,
             for key, what in (("rss_growth", "RSS growth (VmHWM - RSS before step 1)"),
                               ("traced_peak", "traced peak (tracemalloc / torch profiler)")):
                 a, b = mem["minivit"][key], mem["torch"][key]
+                if a is None or b is None:
+                    out(f"  {what:44} not available")
+                    continue
                 out(f"  {what:44} minivit {a / MIB:8.1f} MiB   torch {b / MIB:8.1f} MiB   "
                     f"ratio {a / b if b else float('nan'):.2f}")
 

@@ -36,9 +36,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, KeyError, RuntimeError) as exc:
-        # Bad input from the command line: one clear line, no traceback.
-        print(f"minivit {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, KeyError, RuntimeError, OSError) as exc:
+        # Bad input from the command line: one clear line, no traceback. (str() of a
+        # KeyError quotes its message, so take the message itself.)
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"minivit {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

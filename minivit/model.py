@@ -26,12 +26,12 @@ def trunc_normal(rng: np.random.Generator, shape, std=0.02, bound=2.0):
     truncates nothing; cutting at +-2 std as here is what the name promises. With
     std .02 the two differ only in the 4.6% of samples beyond 2 std.)
     """
-    out = rng.standard_normal(shape)
+    out = rng.standard_normal(shape, dtype=np.float32)   # float32 draws: ViT-H has 632M weights
     bad = np.abs(out) > bound
     while bad.any():
-        out[bad] = rng.standard_normal(int(bad.sum()))
+        out[bad] = rng.standard_normal(int(bad.sum()), dtype=np.float32)
         bad = np.abs(out) > bound
-    return (out * std).astype(np.float32)
+    return out * np.float32(std)
 
 
 class ViT(Module):

@@ -1,6 +1,7 @@
 """Parameter, Module and the layers of a Vision Transformer.
 
-A Module holds Parameters and wraps the pure forward/backward functions of ops.py:
+A Module holds Parameters and wraps the pure forward/backward functions of ops.py
+(or their faster twins in fastops.py, the default: see OPS below):
 `forward(x)` runs the op and keeps its cache; `backward(dout)` runs the op's
 backward, adds the parameter gradients into `.grad` and returns the gradient of
 the module's input. Names follow timm (`blocks.0.attn.qkv.weight`), so a learner

@@ -5,7 +5,7 @@ the `torch` / `transformers` fixture. Where the library is missing the test is s
 unless MINIVIT_REQUIRE_REFERENCE=1 (set by .ci/run), which turns the skip into a failure
 so CI can never pass by silently skipping the parity tests.
 
-Real CIFAR-10 comes from $MINIVIT_CIFAR10 or ../shared/data/cifar-10-python.tar.gz beside
+Real CIFAR-10 comes from $MINIVIT_DATA (a file) or ../shared/data/cifar-10-python.tar.gz beside
 the checkout. Tests that need it skip only where it is absent and CI is not set.
 """
 from __future__ import annotations
@@ -43,8 +43,8 @@ def transformers():
 @pytest.fixture(scope="session")
 def cifar_archive():
     """Path of the real CIFAR-10 archive."""
-    env = os.environ.get("MINIVIT_CIFAR10")
-    path = Path(env) if env else REPO.parent / "shared" / "data" / "cifar-10-python.tar.gz"
+    env = os.environ.get("MINIVIT_DATA")
+    path = Path(env) if env and Path(env).is_file() else REPO.parent / "shared" / "data" / "cifar-10-python.tar.gz"
     if not path.exists():
         if os.environ.get("CI"):
             pytest.fail(f"real CIFAR-10 archive not found at {path}; CI must run the real-data tests")
