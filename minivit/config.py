@@ -7,7 +7,10 @@ Shape legend used across minivit:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass
+
+import numpy as np
 
 POOLS = ("cls", "mean")
 POS_EMBEDS = ("learned", "sincos2d", "none")
@@ -35,6 +38,12 @@ class ViTConfig:
     ln_eps: float = 1e-6         # LayerNorm epsilon (timm and Google's ViT use 1e-6; HF configs say 1e-12)
 
     def __post_init__(self):
+        # NumPy scalars pass isinstance(x, float); a np.float64 eps or rate would then
+        # silently turn every float32 activation into float64. Store plain Python floats.
+        for name in ("mlp_ratio", "dropout", "attn_dropout", "drop_path", "ln_eps"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_)):
+                object.__setattr__(self, name, float(value))
         for name in ("img_size", "patch_size", "in_chans", "dim", "depth", "heads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

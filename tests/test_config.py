@@ -60,3 +60,15 @@ def test_presets_are_valid_and_cifar_presets_fit_32px():
             PRESETS["cifar-vit4"].heads) == (4, 192, 12, 6)
     assert (PRESETS["cifar-vit2"].patch_size, PRESETS["cifar-vit2"].dim, PRESETS["cifar-vit2"].depth,
             PRESETS["cifar-vit2"].heads) == (2, 96, 12, 6)
+
+
+def test_numpy_scalars_are_stored_as_python_floats():
+    """A np.float64 eps must not turn a float32 model into a float64 one."""
+    import numpy as np
+
+    from minivit import ViT
+
+    cfg = ViTConfig(img_size=8, patch_size=4, dim=8, depth=1, heads=2, num_classes=3,
+                    ln_eps=np.float64(1e-6), dropout=np.float64(0.0), mlp_ratio=np.float32(2.0))
+    assert type(cfg.ln_eps) is float and type(cfg.dropout) is float and type(cfg.mlp_ratio) is float
+    assert ViT(cfg)(np.zeros((1, 3, 8, 8), np.float32)).dtype == np.float32
