@@ -77,7 +77,23 @@ from .ops import (  # noqa: F401  (re-exported: fastops offers every op of ops.p
 
 _BLOCK_BYTES = 512 * 1024      # one block of one array (measured best: 256 KB pays more per-call
                                # overhead, 2 MB and up spill the working set out of L2)
-_threads = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def _default_threads() -> int:
+    """$MINIVIT_NUM_THREADS, else $OMP_NUM_THREADS (what users already set to limit BLAS), else
+    every core this process may run on."""
+    value = os.environ.get("MINIVIT_NUM_THREADS", "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"$MINIVIT_NUM_THREADS must be a positive integer, got {value!r}")
+        return int(value)
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if value.isdigit() and int(value) >= 1:         # OpenMP also allows lists such as "4,2": ignored here
+        return int(value)
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+_threads = _default_threads()
 _pool = None
 _pool_lock = threading.Lock()
 

@@ -343,3 +343,26 @@ def test_thread_count_does_not_change_results(rng):
         assert rel_error(a, b) < 1e-6
     with pytest.raises(ValueError):
         fastops.set_num_threads(0)
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"MINIVIT_NUM_THREADS": "1"}, "1"),
+    ({"OMP_NUM_THREADS": "3"}, "3"),
+    ({"MINIVIT_NUM_THREADS": "2", "OMP_NUM_THREADS": "5"}, "2"),   # minivit's own setting wins
+    ({"OMP_NUM_THREADS": "4,2"}, None),                             # an OpenMP list: fall back to the cores
+    ({"MINIVIT_NUM_THREADS": "many"}, "error"),
+])
+def test_thread_count_from_environment(env, expected):
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("MINIVIT_NUM_THREADS", "OMP_NUM_THREADS")}
+    code = "import os; from minivit import fastops; print(fastops.get_num_threads(), len(os.sched_getaffinity(0)))"
+    run = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True)
+    if expected == "error":
+        assert run.returncode != 0 and "$MINIVIT_NUM_THREADS must be a positive integer, got 'many'" in run.stderr
+        return
+    assert run.returncode == 0, run.stderr
+    threads, cores = run.stdout.split()
+    assert threads == (expected or cores)

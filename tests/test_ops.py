@@ -58,7 +58,9 @@ def test_layernorm(rng, eps):
 
 @pytest.mark.parametrize("approximate", ["exact", "tanh"])
 def test_gelu(rng, approximate):
-    inputs = dict(x=randn(rng, B, N, D, scale=2.0), approximate=approximate)
+    # inputs in [-4, 4]: further into the left tail GELU's gradient falls below 1e-7 and its
+    # relative error measures float64 rounding, not the backward pass
+    inputs = dict(x=np.clip(randn(rng, B, N, D, scale=2.0), -4.0, 4.0), approximate=approximate)
     assert_all_pass(check_op(ops.gelu_forward, ops.gelu_backward, inputs, ("x",)))
 
 
