@@ -4,6 +4,7 @@
     minivit train --preset cifar-lesson --epochs 5 --set depth=4
     minivit train --resume --out runs/cifar-recipe-20250101-120000    # continue a stopped run
     minivit eval runs/cifar-recipe-20250101-120000/best.npz           # test accuracy of a saved model
+    minivit eval runs/cifar-recipe-20250101-120000/best.npz --flip    # ... averaged with the mirror image
 
 One training step, as the loop in `train` writes it out:
 
@@ -48,10 +49,10 @@ import numpy as np
 from tqdm import tqdm
 
 from . import __version__
-from .backend import DEVICES, check_device, to_device
+from .backend import DEVICES, check_device, to_device, to_numpy
 from .checkpoint import DEFAULT_FILE_MODE, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .config import PRESETS, ViTConfig, get_preset
-from .data import CIFAR10_MEAN, CIFAR10_STD, augment, find_cifar10, iterate_batches, load_cifar10, normalize
+from .data import CIFAR10_MEAN, CIFAR10_STD, augment, find_cifar10, load_cifar10, normalize
 from .model import ViT
 from .ops import cross_entropy_backward, cross_entropy_forward
 from .optim import AdamW, clip_grad_norm, param_groups, warmup_cosine
@@ -345,25 +346,59 @@ def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = Fa
     return TrainResult("finished", len(history), history, out_dir)
 
 
-def evaluate(model, images, labels, batch_size, mean=CIFAR10_MEAN, std=CIFAR10_STD, device="cpu"):
-    """(mean cross-entropy, accuracy) on uint8 images: eval mode (no dropout), no augmentation.
+def predict(model, images, batch_size, mean=CIFAR10_MEAN, std=CIFAR10_STD, device="cpu", flip=False):
+    """Logits for uint8 images (n, C, S, S), as a NumPy (n, K) array: eval mode (no dropout), no augmentation.
 
-    The loss is the plain cross-entropy (no label smoothing), so it can be compared across runs."""
+    flip=True is test-time augmentation: every image is classified a second time mirrored left to
+    right, and the two logits are averaged. Training flips images at random, so to the model both
+    views are equally ordinary pictures of the same thing."""
     was_training = model.training
     model.eval()
-    loss_sum, correct = 0.0, 0
-    batches = iterate_batches(images, labels, batch_size, shuffle=False)
-    for batch_images, batch_labels in tqdm(batches, total=math.ceil(len(images) / batch_size), desc="test",
-                                           unit="batch", leave=False, dynamic_ncols=True, mininterval=0.5):
-        x = normalize(to_device(batch_images, device), mean, std)                 # float32 (B, C, S, S)
-        y = to_device(batch_labels, device)                                       # (B,)
-        logits = model(x)                                                          # (B, K)
-        loss, _ = cross_entropy_forward(logits, y)
-        loss_sum += float(loss) * len(y)
-        correct += int((logits.argmax(axis=1) == y).sum())
+    logits = []
+    for start in tqdm(range(0, len(images), batch_size), desc="test", unit="batch", leave=False,
+                      dynamic_ncols=True, mininterval=0.5):
+        x = normalize(to_device(images[start:start + batch_size], device), mean, std)   # float32 (B, C, S, S)
+        out = model(x)                                                                   # (B, K)
+        if flip:
+            out = (out + model(x[..., ::-1].copy())) / 2                                 # mirror the width axis
+        logits.append(to_numpy(out))
     model.clear_cache()              # forward keeps activations for a backward that will not come
     model.train(was_training)
-    return loss_sum / len(images), correct / len(images)
+    return np.concatenate(logits)                                                        # (n, K)
+
+
+def evaluate(model, images, labels, batch_size, mean=CIFAR10_MEAN, std=CIFAR10_STD, device="cpu", flip=False):
+    """(mean cross-entropy, accuracy) on uint8 images, from `predict`.
+
+    The loss is the plain cross-entropy (no label smoothing), so it can be compared across runs."""
+    logits = predict(model, images, batch_size, mean, std, device, flip)                # (n, K)
+    loss, _ = cross_entropy_forward(logits, labels)
+    return float(loss), float((logits.argmax(axis=1) == labels).mean())
+
+
+def confusion_matrix(labels, predictions, num_classes):
+    """counts[i, j] = how many images of true class i were classified as class j (rows add up to the
+    number of images of each class; the diagonal holds the correct ones)."""
+    counts = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(counts, (labels, predictions), 1)      # one count per (truth, guess) pair, repeats included
+    return counts
+
+
+def format_confusion(counts, classes):
+    """The confusion matrix as a text table, with each class's accuracy and its most common mistake."""
+    corner = "truth \\ guess"
+    width = max(len(corner), *(len(c) for c in classes))
+    short = [c[:5] for c in classes]
+    lines = [corner.ljust(width) + "".join(f"{c:>6}" for c in short) + "   accuracy  most often taken for"]
+    for i, name in enumerate(classes):
+        row = counts[i]
+        total = max(int(row.sum()), 1)
+        wrong = row.copy()
+        wrong[i] = -1                                 # the most common *wrong* guess
+        j = int(wrong.argmax())
+        mistake = f"{classes[j]} ({row[j] / total:.1%})" if row[j] > 0 else "-"
+        lines.append(name.ljust(width) + "".join(f"{v:>6}" for v in row) + f"   {row[i] / total:>7.1%}   {mistake}")
+    return "\n".join(lines)
 
 
 def _diverged(what, value, epoch, step, lr, saved):
@@ -562,11 +597,14 @@ def register(subparsers):
 
     e = subparsers.add_parser("eval", help="test accuracy of a checkpoint",
                               description="Evaluate a checkpoint (checkpoint.npz or best.npz) on the CIFAR-10 test "
-                                          "images: by default the same ones its training run tested on.")
+                                          "images (by default the same ones its training run tested on): test loss, "
+                                          "accuracy, and the confusion matrix with each class's accuracy.")
     e.add_argument("checkpoint", metavar="CHECKPOINT", help="a .npz file written by minivit train")
     e.add_argument("--data", metavar="PATH", help="CIFAR-10 archive or directory (default: where training found it)")
     e.add_argument("--limit-test", type=int, metavar="N", help="first N test images (default: as in training)")
     e.add_argument("--batch-size", type=int, metavar="N", help="images per batch (default: as in training)")
+    e.add_argument("--flip", action="store_true",
+                   help="test-time augmentation: also classify each image mirrored and average the two logits")
     e.add_argument("--device", choices=DEVICES, default="cpu")
     e.set_defaults(func=_run_eval)
 
@@ -653,8 +691,12 @@ def _run_eval(args) -> int:
     data_path = args.data or (saved_data if saved_data and Path(saved_data).exists() else None)
     data = load_cifar10(find_cifar10(data_path), limit=limit_test)
     _check_data(data, config)
-    n = len(data.test_images)
-    loss, acc = evaluate(model, data.test_images, data.test_labels, batch_size, norm["mean"], norm["std"], args.device)
-    print(f"{args.checkpoint}: epoch {meta['epoch']}, {n} test images | test loss {loss:.4f} | "
-          f"test acc {acc:.4f} ({round(acc * n)}/{n} correct)")
+    n, labels = len(data.test_images), data.test_labels
+    logits = predict(model, data.test_images, batch_size, norm["mean"], norm["std"], args.device, args.flip)
+    loss, _ = cross_entropy_forward(logits, labels)
+    predictions = logits.argmax(axis=1)                                        # (n,)
+    correct = int((predictions == labels).sum())
+    print(f"{args.checkpoint}: epoch {meta['epoch']}, {n} test images{' (and their mirror images)' * args.flip} | "
+          f"test loss {float(loss):.4f} | test acc {correct / n:.4f} ({correct}/{n} correct)")
+    print(format_confusion(confusion_matrix(labels, predictions, len(data.classes)), data.classes))
     return 0

@@ -201,6 +201,43 @@ def test_cli_writes_outputs_and_eval_reproduces_the_test_accuracy(tmp_path, caps
            f"test acc {best['test_acc']:.4f}" in capsys.readouterr().out
 
 
+def test_eval_flip_and_confusion_matrix(tmp_path, capsys, fake_cifar):
+    out = tmp_path / "run"
+    assert main(["train", *TINY_ARGS, *SMALL_ARGS, "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(out / "checkpoint.npz"), "--flip"]) == 0
+    printed = capsys.readouterr().out
+    assert "24 test images (and their mirror images) | test loss" in printed
+    table = printed.splitlines()[-10:]                         # one row per class
+    counts = np.array([[int(v) for v in row.split()[1:11]] for row in table])
+    assert [row.split()[0] for row in table] == fake_cifar.classes
+    assert (counts.sum(axis=1) == np.bincount(fake_cifar.test_labels, minlength=10)).all()
+    correct = int(printed.split("(")[2].split("/")[0])         # "... test acc 0.xxxx (correct/24 correct)"
+    assert np.trace(counts) == correct
+
+
+def test_confusion_matrix_and_its_table_by_hand():
+    labels = np.array([0, 0, 1, 2, 2, 2])
+    guesses = np.array([0, 1, 1, 2, 0, 2])
+    counts = train_mod.confusion_matrix(labels, guesses, 3)
+    assert counts.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+    rows = train_mod.format_confusion(counts, ["ant", "bee", "cat"]).splitlines()
+    assert rows[1].split() == ["ant", "1", "1", "0", "50.0%", "bee", "(50.0%)"]
+    assert rows[2].split() == ["bee", "0", "1", "0", "100.0%", "-"]              # no mistakes
+    assert rows[3].split() == ["cat", "1", "0", "2", "66.7%", "ant", "(33.3%)"]
+
+
+def test_predict_flip_averages_the_logits_of_the_mirror_image():
+    model = ViT(TINY, seed=1)
+    images = synthetic_data().test_images
+    plain = train_mod.predict(model, images, 7)
+    mirrored = train_mod.predict(model, images[..., ::-1], 7)
+    assert model.training                                      # predict puts the mode back
+    assert plain.shape == (24, 10) and not np.allclose(plain, mirrored)
+    np.testing.assert_allclose(train_mod.predict(model, images, 7, flip=True), (plain + mirrored) / 2,
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_cli_ctrl_c_exits_130_and_resume_finishes(tmp_path, monkeypatch, capsys, fake_cifar):
     out = tmp_path / "run"
     with monkeypatch.context() as m:
