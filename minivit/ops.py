@@ -385,7 +385,10 @@ def cross_entropy_forward(logits, labels, label_smoothing=0.0):
 
 
 def cross_entropy_backward(cache, dloss=1.0):
-    """Gradient of the mean loss with respect to the logits: (softmax - target) / B."""
+    """Gradient of the mean loss with respect to the logits: (softmax - target) / B.
+
+    Unlike every other `x_backward(dout, cache)`, the cache comes first: the loss is where the
+    backward pass starts, its upstream gradient is d loss / d loss = 1, so dloss is optional."""
     logp, target = cache
     xp = get_array_module(logp)
     B = logp.shape[0]
