@@ -368,10 +368,14 @@ def predict(model, images, batch_size, mean=CIFAR10_MEAN, std=CIFAR10_STD, devic
 
 
 def evaluate(model, images, labels, batch_size, mean=CIFAR10_MEAN, std=CIFAR10_STD, device="cpu", flip=False):
-    """(mean cross-entropy, accuracy) on uint8 images, from `predict`.
+    """(mean cross-entropy, accuracy) on uint8 images, from `predict`."""
+    return score(predict(model, images, batch_size, mean, std, device, flip), labels)
+
+
+def score(logits, labels):
+    """(mean cross-entropy, accuracy) of NumPy logits (n, K) against labels (n,).
 
     The loss is the plain cross-entropy (no label smoothing), so it can be compared across runs."""
-    logits = predict(model, images, batch_size, mean, std, device, flip)                # (n, K)
     loss, _ = cross_entropy_forward(logits, labels)
     return float(loss), float((logits.argmax(axis=1) == labels).mean())
 
@@ -693,10 +697,8 @@ def _run_eval(args) -> int:
     _check_data(data, config)
     n, labels = len(data.test_images), data.test_labels
     logits = predict(model, data.test_images, batch_size, norm["mean"], norm["std"], args.device, args.flip)
-    loss, _ = cross_entropy_forward(logits, labels)
-    predictions = logits.argmax(axis=1)                                        # (n,)
-    correct = int((predictions == labels).sum())
+    loss, acc = score(logits, labels)
     print(f"{args.checkpoint}: epoch {meta['epoch']}, {n} test images{' (and their mirror images)' * args.flip} | "
-          f"test loss {float(loss):.4f} | test acc {correct / n:.4f} ({correct}/{n} correct)")
-    print(format_confusion(confusion_matrix(labels, predictions, len(data.classes)), data.classes))
+          f"test loss {loss:.4f} | test acc {acc:.4f} ({round(acc * n)}/{n} correct)")
+    print(format_confusion(confusion_matrix(labels, logits.argmax(axis=1), len(data.classes)), data.classes))
     return 0
