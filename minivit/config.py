@@ -15,6 +15,7 @@ import numpy as np
 POOLS = ("cls", "mean")
 POS_EMBEDS = ("learned", "sincos2d", "none")
 GELUS = ("exact", "tanh")
+INITS = ("timm", "mimetic")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class ViTConfig:
     drop_path: float = 0.0       # stochastic depth rate of the last block (linear from 0)
     gelu: str = "exact"          # "exact" (erf) | "tanh" (the approximation)
     ln_eps: float = 1e-6         # LayerNorm epsilon (timm and Google's ViT use 1e-6; HF configs say 1e-12)
+    init: str = "timm"           # "timm": trunc-normal .02 everywhere; "mimetic": attention weights shaped
+                                 # like a trained ViT's (Trockman & Kolter, ICML 2023), see ViT.init_weights
 
     def __post_init__(self):
         # NumPy scalars pass isinstance(x, float); a np.float64 eps or rate would then
@@ -75,6 +78,7 @@ class ViTConfig:
         _check_choice("pool", self.pool, POOLS)
         _check_choice("pos_embed", self.pos_embed, POS_EMBEDS)
         _check_choice("gelu", self.gelu, GELUS)
+        _check_choice("init", self.init, INITS)
         if self.pos_embed == "sincos2d" and self.dim % 4:
             raise ValueError(f"pos_embed='sincos2d' needs dim divisible by 4, got dim={self.dim}")
         if not isinstance(self.qkv_bias, bool):

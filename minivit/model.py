@@ -34,6 +34,17 @@ def trunc_normal(rng: np.random.Generator, shape, std=0.02, bound=2.0):
     return out * np.float32(std)
 
 
+def _noisy_identity_factors(rng: np.random.Generator, D: int, alpha: float, beta: float):
+    """Two (D, D) factors whose product is A = alpha * Z / sqrt(D) + beta * I (Z uniform with
+    variance 1), split evenly by the SVD: A = U S V^T, left = U sqrt(S), right = sqrt(S) V^T.
+    Keeping only the first k columns of left and rows of right gives the best rank-k
+    approximation of A, which is how one head of size hs < D gets its share."""
+    z = rng.uniform(-np.sqrt(3.0), np.sqrt(3.0), size=(D, D))   # (D, D), mean 0, variance 1
+    a = alpha * z / np.sqrt(D) + beta * np.eye(D)                 # (D, D)
+    u, s, vt = np.linalg.svd(a)                                   # s sorted, largest first
+    return u * np.sqrt(s), np.sqrt(s)[:, None] * vt               # (D, D), (D, D)
+
+
 class ViT(Module):
     """A Vision Transformer with timm's parameter names.
 
@@ -70,7 +81,8 @@ class ViT(Module):
     def init_weights(self, rng: np.random.Generator):
         """timm's scheme: truncated normal (std .02) for every weight matrix, the patch
         embedding and pos_embed; zero biases; LayerNorm scale 1 and shift 0; the [CLS]
-        token normal with std 1e-6 (timm), i.e. it starts near zero."""
+        token normal with std 1e-6 (timm), i.e. it starts near zero. With config.init == "mimetic"
+        the attention weights are then drawn again, see _mimetic_attention."""
         for name, p in self.named_parameters():
             xp = get_array_module(p.data)
             if name == "cls_token":
@@ -83,6 +95,34 @@ class ViT(Module):
                 value = np.zeros(p.shape, np.float32)
             p.data = xp.asarray(value.astype(p.data.dtype))
             p.grad = None
+        if self.config.init == "mimetic":
+            for block in self.blocks:
+                self._mimetic_attention(block.attn, rng)
+
+    def _mimetic_attention(self, attn, rng: np.random.Generator):
+        """Mimetic initialisation (Trockman & Kolter, "Mimetic Initialization of Self-Attention
+        Layers", ICML 2023). In trained ViTs each head's W_q^T W_k looks like a noisy identity,
+        so a token attends most to tokens like itself, and W_v^T W_proj^T like a noisy
+        *negative* identity. Starting there costs nothing at run time; with position
+        embeddings in every token, "like itself" means "near it", so attention starts local
+        instead of uniform, which helps most when there is little data or few epochs.
+
+        Each head: q.k = x W_qh^T W_kh x'^T is set to the best rank-hs approximation of
+        0.7 Z/sqrt(D) + 0.7 I. Values and projection: x W_v^T W_proj^T = x (0.4 Z'/sqrt(D) - 0.4 I).
+        Z, Z' have independent entries of variance 1 (uniform, as in the paper's code)."""
+        D = attn.proj.weight.shape[0]
+        hs = D // attn.heads
+        w_qkv = np.empty((3 * D, D), np.float64)                # rows: q (head by head), k, v
+        for h in range(attn.heads):
+            left, right = _noisy_identity_factors(rng, D, alpha=0.7, beta=0.7)   # left @ right = A
+            w_qkv[h * hs:(h + 1) * hs] = left[:, :hs].T          # (hs, D): W_qh^T = left[:, :hs]
+            w_qkv[D + h * hs:D + (h + 1) * hs] = right[:hs]       # (hs, D): W_kh = right[:hs]
+        left, right = _noisy_identity_factors(rng, D, alpha=0.4, beta=-0.4)
+        w_qkv[2 * D:] = left.T                                   # (D, D): W_v^T = left
+        xp = get_array_module(attn.qkv.weight.data)
+        dtype = attn.qkv.weight.data.dtype
+        attn.qkv.weight.data = xp.asarray(w_qkv.astype(dtype))
+        attn.proj.weight.data = xp.asarray(right.T.astype(dtype))   # W_proj^T = right
 
     def seed(self, seed: int | np.random.Generator):
         """Give the model (and every block) a new random generator for dropout and drop-path."""

@@ -483,8 +483,9 @@ def _check_resume(meta, config, recipe, n_train, n_test, mean, std, path):
     problems = []
     if "progress" not in meta or "rng" not in meta or meta.get("optimizer") is None:
         raise ValueError(f"{path} is not a training checkpoint that can be resumed (best.npz holds weights only)")
-    if meta["config"] != config.to_dict():
-        diff = {k: (v, config.to_dict().get(k)) for k, v in meta["config"].items() if config.to_dict().get(k) != v}
+    saved = ViTConfig.from_dict(meta["config"]).to_dict()   # a run saved before a new option gets its default
+    if saved != config.to_dict():
+        diff = {k: (v, config.to_dict().get(k)) for k, v in saved.items() if config.to_dict().get(k) != v}
         problems.append(f"model config differs (saved vs given: {diff})")
     if meta.get("recipe") != recipe.to_dict():
         diff = {k: (v, recipe.to_dict().get(k)) for k, v in meta.get("recipe", {}).items()

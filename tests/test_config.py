@@ -22,6 +22,7 @@ from minivit import PRESETS, ViTConfig, get_preset
     ({"pool": "max"}, "pool must be one of \\('cls', 'mean'\\), got 'max'"),
     ({"pos_embed": "rope"}, "pos_embed must be one of"),
     ({"gelu": "relu"}, "gelu must be one of"),
+    ({"init": "xavier"}, "init must be one of \\('timm', 'mimetic'\\), got 'xavier'"),
     ({"ln_eps": 0.0}, "ln_eps must be a positive number"),
     ({"qkv_bias": 1}, "qkv_bias must be True or False"),
     ({"pos_embed": "sincos2d", "dim": 6, "heads": 2}, "sincos2d' needs dim divisible by 4"),
@@ -43,6 +44,8 @@ def test_config_is_frozen_and_round_trips():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.dim = 5
     assert ViTConfig.from_dict(cfg.to_dict()) == cfg
+    old = {k: v for k, v in cfg.to_dict().items() if k != "init"}   # saved before `init` existed
+    assert ViTConfig.from_dict(old) == cfg and cfg.init == "timm"
     assert get_preset("vit-b16", num_classes=10).num_classes == 10 and cfg.num_classes == 1000
 
 

@@ -147,6 +147,58 @@ def test_initialisation_is_seeded_and_timm_like():
     assert np.abs(a.cls_token.data).max() < 1e-5
 
 
+def _attention_weights(model, block=0):
+    """Per head, the (D, D) matrices of the bilinear forms q.k = x W_qh^T W_kh x'^T and of the
+    value-then-projection map x -> x W_v^T W_proj^T, straight from the stored weights."""
+    attn = model.blocks[block].attn
+    w = attn.qkv.weight.data.astype(np.float64)
+    D, H = w.shape[1], attn.heads
+    hs = D // H
+    qk = [w[h * hs:(h + 1) * hs].T @ w[D + h * hs:D + (h + 1) * hs] for h in range(H)]
+    vo = w[2 * D:].T @ attn.proj.weight.data.astype(np.float64).T
+    return qk, vo, hs
+
+
+def test_mimetic_init_shapes_attention_like_a_trained_vit():
+    cfg = get_preset("cifar-recipe", init="mimetic")
+    model, timm = ViT(cfg, seed=0), ViT(cfg.replace(init="timm"), seed=0)
+    D = cfg.dim
+    for block in range(cfg.depth):
+        qk, vo, hs = _attention_weights(model, block)
+        # values then projection: -0.4 I + 0.4 Z/sqrt(D), Z of variance 1 (full rank, exact product)
+        off = vo[~np.eye(D, dtype=bool)]
+        assert abs(np.diag(vo).mean() + 0.4) < 0.01
+        assert abs(off.mean()) < 0.002 and abs(off.std() / (0.4 / np.sqrt(D)) - 1) < 0.05
+        for m in qk:
+            # rank hs, and positive on the whole: each token's query matches its own key
+            assert np.linalg.matrix_rank(m) == hs and np.trace(m) > 0.5 * hs
+    # Attention at initialisation on the position embeddings alone (each row layer-normed):
+    # mimetic heads look at the 3 x 3 neighbourhood of a patch (11.8% of the tokens on this
+    # 8 x 8 grid, with the borders) with at least twice that share; timm's heads spread evenly.
+    pos = np.asarray(model.pos_table, np.float64)[0, 1:]                        # (64, D)
+    x = (pos - pos.mean(1, keepdims=True)) / pos.std(1, keepdims=True)
+    G = cfg.grid_size
+    r, c = np.divmod(np.arange(G * G), G)
+    near = (np.abs(r[:, None] - r) <= 1) & (np.abs(c[:, None] - c) <= 1)       # (64, 64)
+    even = near.sum(1).mean() / (G * G)
+
+    def near_share(m):
+        s = x @ m @ x.T / np.sqrt(hs)
+        p = np.exp(s - s.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        return (p * near).sum(1).mean()
+
+    for block in range(cfg.depth):
+        assert all(near_share(m) > 2 * even for m in _attention_weights(model, block)[0])
+        assert all(abs(near_share(m) - even) < 0.02 for m in _attention_weights(timm, block)[0])
+    # only the attention weights are drawn differently; everything else, and the seeding, as timm
+    again = ViT(cfg, seed=0)
+    for (name, p), q, t in zip(model.named_parameters(), again.parameters(), timm.parameters()):
+        assert np.array_equal(p.data, q.data) and p.data.dtype == np.float32, name
+        if not name.endswith(("attn.qkv.weight", "attn.proj.weight")):
+            assert np.array_equal(p.data, t.data), name
+
+
 def test_forward_backward_shapes_and_dtype(rng):
     model = ViT("cifar-lesson")
     x = rng.standard_normal((4, 3, 32, 32)).astype(np.float32)
