@@ -85,7 +85,7 @@ class Recipe:
     The defaults are the CIFAR-10 recipe; `minivit train --help` shows them."""
 
     epochs: int = 20
-    batch_size: int = 128
+    batch_size: int = 64
     lr: float = 1e-3                  # peak learning rate, reached at the end of warmup
     weight_decay: float = 0.05        # AdamW's decoupled decay, on weight matrices only (optim.param_groups)
     warmup: float = 2.0               # epochs of linear warmup (a fraction is fine), then cosine decay to 0
