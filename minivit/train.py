@@ -141,6 +141,15 @@ class TrainResult:
     epochs_completed: int
     history: list                  # one dict per epoch, with METRIC_COLUMNS
     out_dir: Path
+    stopped_by: int | None = None  # the signal that stopped an interrupted run (SIGINT, SIGTERM)
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention: 0 when done, 128 + the signal's number when a signal stopped
+        the run (130 for Ctrl-C, 143 for SIGTERM)."""
+        if self.status != "interrupted":
+            return 0
+        return 128 + (self.stopped_by or signal.SIGINT)
 
 
 # ============================================================================= the training loop
@@ -232,7 +241,7 @@ def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = Fa
         saved = f"{checkpoint_path} (epoch {start_epoch})" if progress is None else \
             f"{checkpoint_path} (epoch {start_epoch + 1}, stopped after step {progress['step']})"
     bar = None
-    with _StopOnCtrlC() as ctrl_c:
+    with _StopOnSignal() as stop:
         try:
             for epoch in range(start_epoch, recipe.epochs):
                 model.train()
@@ -287,7 +296,7 @@ def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = Fa
                     if log_every and (global_step + 1) % log_every == 0:
                         tqdm.write(f"step {global_step + 1}/{total_steps} | loss {loss_sum / seen:.4f} | "
                                    f"acc {correct / seen:.4f} | {seen / train_seconds:.1f} img/s | lr {lr:.3g}")
-                    if ctrl_c.requested:
+                    if stop.requested:
                         # Stopped between two steps: the state is consistent, save it mid-epoch.
                         stopped = {"step": step + 1, "order_rng": order_rng, "data_rng": data_rng.bit_generator.state,
                                    "loss_sum": loss_sum, "correct": correct, "seen": seen,
@@ -297,7 +306,7 @@ def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = Fa
                         print(f"stopped at epoch {epoch + 1}, step {step + 1}/{steps_per_epoch}; "
                               f"saved {checkpoint_path}")
                         _print_resume_hint(out_dir)
-                        return TrainResult("interrupted", epoch, history, out_dir)
+                        return TrainResult("interrupted", epoch, history, out_dir, stop.requested)
                 bar.close()
 
                 # ---- end of the epoch: test, save, report
@@ -322,20 +331,20 @@ def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = Fa
                       f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
                       f"test loss {test_loss:.4f} acc {test_acc:.4f} | "
                       f"{epoch_seconds:.1f} s, {row['images_per_second']:.1f} img/s | lr {lr:.3g}")
-                if ctrl_c.requested:
+                if stop.requested:
                     print(f"stopped after epoch {epoch + 1}; saved {checkpoint_path}")
                     _print_resume_hint(out_dir)
-                    return TrainResult("interrupted", epoch + 1, history, out_dir)
+                    return TrainResult("interrupted", epoch + 1, history, out_dir, stop.requested)
         except KeyboardInterrupt:
-            # A second Ctrl-C (or one that arrived outside the main thread's handler) can land in
-            # the middle of a step, when the weights may be half updated: nothing is saved now.
+            # A second Ctrl-C or SIGTERM (or a Ctrl-C outside the main thread's handler) can land
+            # in the middle of a step, when the weights may be half updated: nothing is saved now.
             if bar is not None:
                 bar.close()
             print(f"\ninterrupted; the step in progress was not saved. "
                   + (f"The last checkpoint is {saved}." if saved else "No checkpoint was written yet."))
             if saved:
                 _print_resume_hint(out_dir)
-            return TrainResult("interrupted", len(history), history, out_dir)
+            return TrainResult("interrupted", len(history), history, out_dir, stop.requested or signal.SIGINT)
         finally:
             if bar is not None:     # also on an error such as a diverged loss
                 bar.close()
@@ -416,28 +425,34 @@ def _print_resume_hint(out_dir):
     print(f"resume with: minivit train --resume --out {out_dir}")
 
 
-class _StopOnCtrlC:
-    """Within `with`, the first Ctrl-C only sets `.requested`: the loop finishes the step it is
-    in and saves a checkpoint, so nothing half-updated is ever saved. A second Ctrl-C raises
-    KeyboardInterrupt at once, as usual. (Signal handlers can only be set in the main thread;
-    elsewhere Ctrl-C keeps its usual behaviour.)"""
+class _StopOnSignal:
+    """Within `with`, the first Ctrl-C (SIGINT) or SIGTERM only sets `.requested` to the signal:
+    the loop finishes the step it is in and saves a checkpoint, so nothing half-updated is ever
+    saved. SIGTERM is what `kill`, `docker stop`, Slurm and systemd send, so a run stopped by a
+    scheduler keeps its last step too. A second signal raises KeyboardInterrupt at once.
+    (Signal handlers can only be set in the main thread; elsewhere both keep their usual behaviour.)"""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
     def __enter__(self):
-        self.requested = False
-        self._installed = threading.current_thread() is threading.main_thread()
-        if self._installed:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+        self.requested = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handler)
         return self
 
     def _handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write("Ctrl-C: stopping after this step and saving a checkpoint (Ctrl-C again to quit at once)")
+        self.requested = signal.Signals(signum)
+        tqdm.write(f"{self.NAMES[self.requested]}: stopping after this step and saving a checkpoint "
+                   f"(a second Ctrl-C or SIGTERM quits at once)")
 
     def __exit__(self, *exc_info):
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         return False
 
 
@@ -641,7 +656,7 @@ def _run_train(args) -> int:
         data, _ = _load_data(data_path, recipe.limit_train, recipe.limit_test)
         result = train(config, data, recipe, args.out, resume=True, mean=mean, std=std, device=args.device,
                        log_every=args.log_every, run_info=meta.get("run"))
-        return 130 if result.status == "interrupted" else 0
+        return result.exit_code
 
     recipe = RECIPE.replace(**given)             # validates every value
     overrides = parse_overrides(args.overrides)
@@ -670,7 +685,7 @@ def _run_train(args) -> int:
                 "command": "minivit " + " ".join(sys.argv[1:])}
     result = train(config, data, recipe, out_dir, init_state=init_state, mean=mean, std=std, device=args.device,
                    log_every=args.log_every, run_info=run_info)
-    return 130 if result.status == "interrupted" else 0
+    return result.exit_code
 
 
 def _check_new_out_dir_early(out_dir: Path):

@@ -75,6 +75,11 @@ def press_ctrl_c(logits):
     return logits
 
 
+def send_sigterm(logits):
+    signal.raise_signal(signal.SIGTERM)      # what kill, docker stop, Slurm and systemd send
+    return logits
+
+
 def make_nan(logits):
     return logits * np.nan
 
@@ -108,6 +113,7 @@ def assert_same_run(dir_a, dir_b):
     (4, raise_keyboard_interrupt, 1, None),  # at the first step of epoch 2: the epoch-1 checkpoint stands
     (2, press_ctrl_c, 0, 2),                 # Ctrl-C in epoch 1, step 2: saved after that step
     (6, press_ctrl_c, 1, 3),                 # Ctrl-C in the last step of the run, before its test
+    (5, send_sigterm, 1, 2),                 # SIGTERM in epoch 2, step 2: saved after that step
 ])
 def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch, capsys, stop_at, action,
                                                     saved_epoch, saved_step):
@@ -123,7 +129,8 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch, capsy
     meta = final_state(tmp_path / "stopped")[2]
     assert meta["epoch"] == saved_epoch
     assert (meta["progress"] or {}).get("step") == saved_step
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the handler was put back
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the handlers were put back
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
     resumed = train(TINY, data, SMALL, tmp_path / "stopped", resume=True)
     assert resumed.status == "finished"
@@ -249,6 +256,21 @@ def test_cli_ctrl_c_exits_130_and_resume_finishes(tmp_path, monkeypatch, capsys,
 
     assert main(["train", "--resume", "--out", str(out)]) == 0
     assert "(resumed after epoch 1)" in capsys.readouterr().out
+    assert [r["epoch"] for r in read_metrics_csv(out / "metrics.csv")] == [1, 2]
+
+
+def test_cli_sigterm_saves_the_step_and_exits_143(tmp_path, monkeypatch, capsys, fake_cifar):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "ViT", at_training_forward(5, send_sigterm))
+        assert main(["train", *TINY_ARGS, *SMALL_ARGS, "--out", str(out)]) == 143   # 128 + SIGTERM
+    printed = capsys.readouterr().out
+    assert "SIGTERM: stopping after this step" in printed
+    assert f"saved {out / 'checkpoint.npz'}" in printed
+    assert final_state(out)[2]["progress"]["step"] == 2
+
+    assert main(["train", "--resume", "--out", str(out)]) == 0
+    assert "(resumed in epoch 2, after step 2)" in capsys.readouterr().out
     assert [r["epoch"] for r in read_metrics_csv(out / "metrics.csv")] == [1, 2]
 
 
