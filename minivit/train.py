@@ -146,7 +146,8 @@ class TrainResult:
     @property
     def exit_code(self) -> int:
         """The shell's convention: 0 when done, 128 + the signal's number when a signal stopped
-        the run (130 for Ctrl-C, 143 for SIGTERM)."""
+        the run (130 for Ctrl-C, 143 for SIGTERM). A KeyboardInterrupt that no handler turned
+        into a signal (stopped_by None) counts as Ctrl-C."""
         if self.status != "interrupted":
             return 0
         return 128 + (self.stopped_by or signal.SIGINT)
@@ -344,7 +345,7 @@ def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = Fa
                   + (f"The last checkpoint is {saved}." if saved else "No checkpoint was written yet."))
             if saved:
                 _print_resume_hint(out_dir)
-            return TrainResult("interrupted", len(history), history, out_dir, stop.requested or signal.SIGINT)
+            return TrainResult("interrupted", len(history), history, out_dir, stop.requested)
         finally:
             if bar is not None:     # also on an error such as a diverged loss
                 bar.close()
