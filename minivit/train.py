@@ -87,7 +87,7 @@ class Recipe:
     epochs: int = 20
     batch_size: int = 64
     lr: float = 1e-3                  # peak learning rate, reached at the end of warmup
-    weight_decay: float = 0.05        # AdamW's decoupled decay, on weight matrices only (optim.param_groups)
+    weight_decay: float = 0.1         # AdamW's decoupled decay, on weight matrices only (optim.param_groups)
     warmup: float = 2.0               # epochs of linear warmup (a fraction is fine), then cosine decay to 0
     label_smoothing: float = 0.1      # target: 0.9 on the true class + 0.1 / K spread over all classes
     clip_grad: float = 1.0            # largest global gradient norm; 0 turns clipping off

@@ -336,7 +336,7 @@ def test_eval_errors(tmp_path, capsys):
 
 def test_recipe_defaults_are_the_documented_recipe():
     assert (RECIPE.epochs, RECIPE.batch_size, RECIPE.lr, RECIPE.weight_decay, RECIPE.label_smoothing) == \
-           (20, 64, 1e-3, 0.05, 0.1)
+           (20, 64, 1e-3, 0.1, 0.1)
 
 
 # ----------------------------------------------------------------------------- fine-tuning
