@@ -433,14 +433,13 @@ class _StopOnSignal:
     scheduler keeps its last step too. A second signal raises KeyboardInterrupt at once.
     (Signal handlers can only be set in the main thread; elsewhere both keep their usual behaviour.)"""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+    NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}     # the signals handled, as printed
 
     def __enter__(self):
         self.requested = None
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
+            for signum in self.NAMES:
                 self._previous[signum] = signal.signal(signum, self._handler)
         return self
 
