@@ -552,6 +552,13 @@ def _attention_backward_kernel(dy, qkv5, att, mask, att_d, dqkv5, scale):
     xp.matmul(_by_head(datt), q, out=dk)                            # (Nk, Nq) @ (Nq, hs)
 
 
+def attention_probs(cache):
+    """The attention probabilities as ops.attention_probs gives them, (B, H, Nq, Nk): a view of
+    the keys-first (B, Nk, H, Nq) array this forward pass keeps."""
+    att = cache[3]
+    return att.transpose(0, 2, 3, 1)                                # (B, H, Nq, Nk)
+
+
 def attention_backward(dout, cache):
     """Returns (dx, dqkv_w, dqkv_b, dproj_w, dproj_b)."""
     xp = get_array_module(dout)

@@ -133,9 +133,15 @@ class ViT(Module):
         return self
 
     # ------------------------------------------------------------------ forward / backward
-    def forward(self, x):
+    def forward(self, x, keep_attention: bool = False):
+        """Logits (B, K) for images (B, C, S, S). With keep_attention=True every block also keeps
+        its attention probabilities, which attention_maps() then returns."""
         ops = get_ops()   # fastops, or ops.py after modules.set_ops("reference")
         self.check_images(x)
+        if not isinstance(keep_attention, bool):
+            raise TypeError(f"keep_attention must be True or False, got {keep_attention!r}")
+        for block in self.blocks:
+            block.attn.keep_attention = keep_attention
         x = self.patch_embed(x)                                         # (B, G*G, D)
         pos = getattr(self, "pos_embed", None)
         pos = pos.data if isinstance(pos, Parameter) else getattr(self, "pos_table", None)
@@ -170,6 +176,17 @@ class ViT(Module):
         if isinstance(getattr(self, "pos_embed", None), Parameter):
             self.pos_embed.accumulate(dpos)
         return self.patch_embed.backward(dx)                            # (B, C, S, S)
+
+    def attention_maps(self) -> list:
+        """Every block's attention probabilities from the last forward pass that was run with
+        keep_attention=True: a list of depth arrays (B, H, N, N), where [b, h, i, j] is how much
+        token i attends to token j in head h (token 0 is [CLS]; rows sum to 1). They are the
+        softmax outputs, before any attention dropout."""
+        maps = [block.attn.attention for block in self.blocks]
+        if any(m is None for m in maps):
+            raise RuntimeError("no attention maps kept: run the model as model(x, keep_attention=True) first "
+                               "(the last forward pass did not keep them)")
+        return maps
 
     # ------------------------------------------------------------------ input checks
     def check_images(self, x):

@@ -282,6 +282,8 @@ class Attention(Module):
         self.attn_drop = attn_drop
         self.proj_drop = proj_drop
         self.rng = rng
+        self.keep_attention = False     # set by ViT.forward(x, keep_attention=True)
+        self.attention = None           # then: this forward pass's probabilities (B, H, N, N)
         self._cache = None
 
     def forward(self, x):
@@ -291,6 +293,8 @@ class Attention(Module):
         out, attn_cache = OPS.attention_forward(
             x, self.qkv.weight.data, qkv_b, self.proj.weight.data, self.proj.bias.data, self.heads, attn_mask
         )                                                                 # (B, N, D)
+        # a copy, so that it stays what this pass computed whatever later passes do to their buffers
+        self.attention = OPS.attention_probs(attn_cache).copy() if self.keep_attention else None
         out, drop_cache = OPS.dropout_forward(out, self._dropout_mask(out.shape, self.proj_drop, x))
         self._cache = (attn_cache, drop_cache)
         return out

@@ -267,6 +267,13 @@ def attention_forward(x, qkv_w, qkv_b, proj_w, proj_b, heads, attn_mask=None):
     return out, cache
 
 
+def attention_probs(cache):
+    """The attention probabilities (B, H, Nq, Nk) kept in an attention_forward cache: row i of
+    head h is how query token i spreads its weight over the keys (before attention dropout)."""
+    softmax_cache = cache[5]
+    return softmax_cache[0]                                     # (B, H, N, N)
+
+
 def attention_backward(dout, cache):
     """Returns (dx, dqkv_w, dqkv_b, dproj_w, dproj_b)."""
     xp = get_array_module(dout)

@@ -321,3 +321,72 @@ def test_constructor_errors():
         ViT("vit-z")
     with pytest.raises(TypeError, match="ViTConfig or a preset name"):
         ViT({"dim": 8})
+
+
+# ----------------------------------------------------------------------------- attention maps
+
+def _attention_by_hand(model, x):
+    """Every block's attention probabilities recomputed from minivit.ops, block by block."""
+    from minivit import ops
+    cfg = model.config
+    H, hs = cfg.heads, cfg.dim // cfg.heads
+    h, _ = ops.patchify_forward(x, cfg.patch_size)                                   # (B, G*G, C*P*P)
+    h, _ = ops.linear_forward(h, model.patch_embed.proj.weight.data.reshape(cfg.dim, -1),
+                              model.patch_embed.proj.bias.data)                       # (B, G*G, D)
+    pos = model.pos_embed.data if hasattr(model, "pos_embed") else model.pos_table
+    h, _ = ops.cls_pos_forward(h, model.cls_token.data, pos)                          # (B, N, D)
+    maps = []
+    for block in model.blocks:
+        a, _ = ops.layernorm_forward(h, block.norm1.weight.data, block.norm1.bias.data, cfg.ln_eps)
+        qkv, _ = ops.linear_forward(a, block.attn.qkv.weight.data, block.attn.qkv.bias.data)   # (B, N, 3D)
+        q, k, _ = qkv.reshape(*qkv.shape[:2], 3, H, hs).transpose(2, 0, 3, 1, 4)            # (B, H, N, hs)
+        att, _ = ops.softmax_forward((q * hs**-0.5) @ k.swapaxes(-1, -2))                   # (B, H, N, N)
+        maps.append(att)
+        h = block(h)
+        block.clear_cache()
+    return maps
+
+
+@pytest.mark.parametrize("kind", ["fast", "reference"])
+@pytest.mark.parametrize("pos_embed", ["learned", "sincos2d"])
+def test_attention_maps_equal_the_probabilities_recomputed_from_ops(kind, pos_embed):
+    from minivit import modules
+    cfg = get_preset("cifar-lesson", depth=3, pos_embed=pos_embed)
+    model = ViT(cfg, seed=0).astype(np.float64).eval()
+    rng = np.random.default_rng(1)
+    for p in model.parameters():                       # larger weights than at init: maps far from uniform
+        p.data[...] = rng.standard_normal(p.shape) * 0.1 + (1.0 if p.shape == (cfg.dim,) else 0.0)
+    x = rng.standard_normal((2, 3, 32, 32))
+    previous = modules.set_ops(kind)
+    try:
+        logits = model(x, keep_attention=True)
+        maps = model.attention_maps()
+        assert np.array_equal(logits, model(x))        # keeping the maps changes nothing else
+    finally:
+        modules.set_ops(previous)
+    expected = _attention_by_hand(model, x)
+    assert len(maps) == cfg.depth
+    for got, want in zip(maps, expected):
+        assert got.shape == (2, cfg.heads, cfg.num_tokens, cfg.num_tokens)
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(got.sum(-1), 1.0, rtol=1e-12)
+    assert np.abs(expected[0] - 1 / cfg.num_tokens).max() > 0.05   # not trivially uniform
+
+
+def test_attention_maps_survive_backward_and_later_passes_and_need_asking_for():
+    from minivit.ops import cross_entropy_backward, cross_entropy_forward
+    model = ViT(get_preset("cifar-lesson", depth=2), seed=0)
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32), dtype=np.float32)
+    with pytest.raises(RuntimeError, match="keep_attention=True"):
+        model.attention_maps()                          # never asked for
+    model(x, keep_attention=True)
+    kept = [m.copy() for m in model.attention_maps()]
+    _, cache = cross_entropy_forward(model(x, keep_attention=True), np.array([0, 1]))
+    model.backward(cross_entropy_backward(cache))       # backward reuses the forward's buffers
+    for before, after in zip(kept, model.attention_maps()):
+        assert np.array_equal(before, after)
+    model(x)                                            # a pass without keep_attention forgets them
+    with pytest.raises(RuntimeError, match="keep_attention=True"):
+        model.attention_maps()
+    with pytest.raises(TypeError, match="keep_attention"):
+        model(x, keep_attention="yes")
