@@ -2,6 +2,7 @@
 
     find_cifar10(path)         where the data is: --data PATH, $MINIVIT_DATA, the cache, or download
       -> load_cifar10(path)    CIFAR10: uint8 images (B, C, S, S), int64 labels (B,), class names
+    cifar10_for_lessons()      the two above for a notebook, or a labelled synthetic stand-in
       -> iterate_batches(...)  one epoch of mini-batches, in a new random order each epoch
       -> augment(images, rng)  random crop (zero padding 4) + horizontal flip, uint8 in, uint8 out
       -> normalize(...)        float32 (B, C, S, S), each channel about zero mean and unit variance
@@ -64,10 +65,16 @@ class CIFAR10:
     test_images: np.ndarray    # uint8 (10000, C, S, S)
     test_labels: np.ndarray    # int64 (10000,)
     classes: list              # K names: classes[label] is the name of a label
+    source: str = "CIFAR-10"   # where the images came from; synthetic_cifar10 says "synthetic ..."
+
+    @property
+    def synthetic(self) -> bool:
+        """True for the stand-in of synthetic_cifar10: numbers measured on it say nothing about CIFAR-10."""
+        return self.source.startswith("synthetic")
 
     def __repr__(self):        # the default would print the arrays
         return (f"CIFAR10(train: {len(self.train_images)} images, test: {len(self.test_images)} images, "
-                f"classes: {', '.join(self.classes)})")
+                f"classes: {', '.join(self.classes)}{', SYNTHETIC' if self.synthetic else ''})")
 
 
 # ---- reading the pickles safely ----
@@ -248,12 +255,14 @@ def _how_to_fix(cache: Path) -> str:
             f"here, and pass --data PATH/TO/{ARCHIVE_NAME} (or set MINIVIT_DATA=PATH, or put it in {cache}/)")
 
 
-def find_cifar10(path=None, download: bool = True) -> Path:
+def find_cifar10(path=None, download: bool = True, search_parents: bool = False) -> Path:
     """The CIFAR-10 archive or extracted directory to give load_cifar10.
 
     Looks, in order, at `path` (the CLI's --data PATH), $MINIVIT_DATA, then the cache directory
     ($XDG_CACHE_HOME/minivit or ~/.cache/minivit). Each may be the .tar.gz, the extracted
-    cifar-10-batches-py/ directory, or a directory containing either. If none has it and
+    cifar-10-batches-py/ directory, or a directory containing either. With search_parents=True
+    (the lessons) it then looks for shared/data/cifar-10-python.tar.gz in the working directory
+    and each folder above it, the layout of this project's checkout. If none has it and
     download=True, downloads the official archive into the cache.
     """
     for given, origin in ((path, "the path given (--data)"), (os.environ.get("MINIVIT_DATA"), "$MINIVIT_DATA")):
@@ -268,6 +277,11 @@ def find_cifar10(path=None, download: bool = True) -> Path:
     found = _resolve(cache)
     if found is not None:
         return found
+    if search_parents:
+        for folder in [Path.cwd(), *Path.cwd().parents]:
+            candidate = folder / "shared" / "data" / ARCHIVE_NAME
+            if candidate.is_file():
+                return candidate
     if not download:
         raise FileNotFoundError(f"CIFAR-10 not found: no --data PATH given, MINIVIT_DATA not set, and nothing in "
                                 f"{cache}. {_how_to_fix(cache)}")
@@ -275,6 +289,37 @@ def find_cifar10(path=None, download: bool = True) -> Path:
     # rebuilt copies such as ../shared/data's differ from the official one): load_cifar10 validates
     # its contents instead. A download is checked before it is kept.
     return _download(CIFAR10_URL, cache / ARCHIVE_NAME, CIFAR10_MD5)
+
+
+def synthetic_cifar10(n_train: int = 2000, n_test: int = 1000, seed: int = 0) -> CIFAR10:
+    """A stand-in with CIFAR-10's shapes and types for when the real data is not at hand: each of the
+    10 classes has its own mean colour, and an image is that colour plus noise (uint8). A model can
+    learn it, so code runs end to end, but what it measures says nothing about CIFAR-10."""
+    rng = np.random.default_rng(seed)
+    colours = rng.uniform(40, 215, size=(K, C, 1, 1))
+
+    def split(n):
+        labels = rng.integers(0, K, n)                                        # (n,)
+        pixels = colours[labels] + rng.normal(0, 40, size=(n, C, S, S))       # (n, C, S, S)
+        return np.clip(pixels, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+    (train_x, train_y), (test_x, test_y) = split(n_train), split(n_test)
+    return CIFAR10(train_x, train_y, test_x, test_y, [f"colour {k}" for k in range(K)],
+                   source="synthetic (10 colours plus noise), not CIFAR-10")
+
+
+def cifar10_for_lessons(download: bool = False, limit: int | None = None) -> CIFAR10:
+    """CIFAR-10 for a lesson: find_cifar10(download=download, search_parents=True), loaded; where
+    it is not found and download is False, synthetic_cifar10() with a loud notice, so that the
+    lesson still runs (its figures must then say SYNTHETIC: check data.synthetic)."""
+    try:
+        path = find_cifar10(download=download, search_parents=True)
+    except FileNotFoundError as exc:
+        print(f"!! CIFAR-10 NOT FOUND: using SYNTHETIC images instead; the numbers below mean little.\n"
+              f"!! To use the real data, set MINIVIT_DATA to the path of {ARCHIVE_NAME}, or call "
+              f"cifar10_for_lessons(download=True).\n!! ({exc})", file=sys.stdout)
+        return synthetic_cifar10()
+    return load_cifar10(path, limit=limit)
 
 
 def _download(url: str, dest: Path, md5: str) -> Path:
