@@ -571,3 +571,36 @@ def test_a_failed_download_says_what_to_do(env):
     with pytest.raises(FileNotFoundError, match="download of .* failed.*--data PATH.*MINIVIT_DATA"):
         find_cifar10()
     assert list(env.iterdir()) == []
+
+
+# ---- what the lessons use ----
+
+def test_lessons_find_shared_data_above_the_working_directory_after_the_usual_places(env, tmp_path, files,
+                                                                                      monkeypatch):
+    shared = place_archive(tmp_path / "project" / "shared" / "data", files)
+    deep = tmp_path / "project" / "checkout" / "lessons"
+    deep.mkdir(parents=True)
+    monkeypatch.chdir(deep)
+    with pytest.raises(FileNotFoundError):
+        find_cifar10(download=False)                       # the CLI never looks above the working directory
+    assert find_cifar10(download=False, search_parents=True) == shared
+    cached = place_archive(env, files)
+    assert find_cifar10(download=False, search_parents=True) == cached    # the cache still comes first
+    loaded = data.cifar10_for_lessons(limit=3)
+    assert not loaded.synthetic and loaded.classes == CLASSES and len(loaded.train_images) == 3
+
+
+def test_lessons_fall_back_to_labelled_synthetic_images_without_downloading(env, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    fallback = data.cifar10_for_lessons()                  # env points the download URL nowhere: not tried
+    assert "SYNTHETIC" in capsys.readouterr().out
+    assert fallback.synthetic and "SYNTHETIC" in repr(fallback) and "not CIFAR-10" in fallback.source
+    assert fallback.train_images.shape == (2000, 3, 32, 32) and fallback.train_images.dtype == np.uint8
+    assert fallback.test_labels.dtype == np.int64 and set(np.unique(fallback.train_labels)) == set(range(10))
+    # learnable: each class has its own mean colour, so the nearest class mean gets most test images right
+    means = np.stack([fallback.train_images[fallback.train_labels == k].mean(axis=(0, 2, 3)) for k in range(10)])
+    test_colours = fallback.test_images.mean(axis=(2, 3))                               # (n, C)
+    nearest = np.argmin(((test_colours[:, None] - means[None]) ** 2).sum(-1), axis=1)
+    assert (nearest == fallback.test_labels).mean() > 0.9
+    again = data.synthetic_cifar10(seed=0)
+    assert np.array_equal(again.train_images, fallback.train_images)                  # seeded
