@@ -422,8 +422,9 @@ def _read_timm(path, heads):
         or side.get("pretrained_cfg", {}).get("label_names")
     if names is not None and len(names) != config.num_classes:
         names = None
+    notes = _json_meta(metadata, "minivit_notes", where)
     meta = {"class_names": None if names is None else [str(n) for n in names], "mean": mean, "std": std,
-            "ignored_keys": []}
+            "ignored_keys": [], "notes": notes if isinstance(notes, dict) else None}
     return config, state, origin, meta
 
 
@@ -715,7 +716,8 @@ def resample_pos_embed(pos_embed, new_grid: int):
 
 # ============================================================================= saving
 
-def save_pretrained(model, path, format: str = "timm", class_names=None, mean=None, std=None):
+def save_pretrained(model, path, format: str = "timm", class_names=None, mean=None, std=None,
+                    dtype=None, notes: dict | None = None):
     """Write a ViT's weights so that minivit, timm or transformers can read them back.
 
     format="timm": one safetensors file at `path` with minivit's (timm's) names; the config,
@@ -724,6 +726,10 @@ def save_pretrained(model, path, format: str = "timm", class_names=None, mean=No
         checkpoints' names) and preprocessor_config.json, which
         transformers.ViTForImageClassification.from_pretrained loads. Needs a [CLS]-pooled
         model with a head; sin-cos position embeddings are written as learned ones.
+    dtype: "float16" stores the weights at half size (as the lessons' shipped weights are);
+        loading casts them back to float32. Default: the model's own dtype.
+    notes: a JSON-able dict kept in the file's metadata (timm format), e.g. how the weights
+        were made and what they scored; load_pretrained returns it as meta["notes"].
 
     Each file is written to a temporary name and renamed into place (os.replace), so a
     crash never leaves a half-written file behind under the real name. Returns the path.
@@ -739,13 +745,25 @@ def save_pretrained(model, path, format: str = "timm", class_names=None, mean=No
         class_names = [str(n) for n in class_names]
         if len(class_names) != cfg.num_classes:
             raise ValueError(f"class_names has {len(class_names)} names for {cfg.num_classes} classes")
+    if dtype is not None and np.dtype(dtype) not in (np.float16, np.float32, np.float64):
+        raise ValueError(f"dtype must be float16, float32 or float64, got {dtype!r}")
+    if notes is not None:
+        if format != "timm":
+            raise ValueError("notes are kept only in format='timm' files")
+        if not isinstance(notes, dict):
+            raise TypeError(f"notes must be a dict, got {type(notes).__name__}")
+        notes = json.dumps(notes, allow_nan=False)        # fails here, before anything is written
     state = {k: np.ascontiguousarray(to_numpy(v)) for k, v in model.state_dict().items()}
+    if dtype is not None:
+        state = {k: v.astype(dtype) for k, v in state.items()}
     path = Path(path)
     if format == "timm":
         metadata = {"format": "pt", "minivit_config": json.dumps(cfg.to_dict()),
                     "mean": json.dumps(list(mean)), "std": json.dumps(list(std))}
         if class_names is not None:
             metadata["class_names"] = json.dumps(class_names)
+        if notes is not None:
+            metadata["minivit_notes"] = notes
         _write_safetensors(state, path, metadata)
         return path
     return _save_hf(model, state, path, class_names, mean, std)

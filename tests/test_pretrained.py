@@ -110,6 +110,27 @@ def test_timm_round_trip_is_exact(tmp_path):
     np.testing.assert_array_equal(model(x), loaded(x))
 
 
+def test_float16_file_with_notes_is_half_the_size_and_loads_as_float32(tmp_path):
+    model = random_vit()
+    full = save_pretrained(model, tmp_path / "full.safetensors")
+    notes = {"command": "minivit train ...", "test_accuracy": 0.75, "epochs": [1, 2]}
+    half = save_pretrained(model, tmp_path / "half.safetensors", dtype="float16", notes=notes)
+    assert half.stat().st_size < 0.55 * full.stat().st_size
+    loaded, meta = load_pretrained(half)
+    assert meta["notes"] == notes and load_pretrained(full)[1]["notes"] is None
+    assert loaded.dtype == np.float32
+    for name, p in loaded.named_parameters():
+        expected = model.state_dict()[name].astype(np.float16).astype(np.float32)
+        np.testing.assert_array_equal(p.data, expected, err_msg=name)
+    with pytest.raises(ValueError, match="dtype"):
+        save_pretrained(model, tmp_path / "x.safetensors", dtype="int8")
+    with pytest.raises(ValueError):
+        save_pretrained(model, tmp_path / "x.safetensors", notes={"acc": float("nan")})
+    with pytest.raises(ValueError, match="notes"):
+        save_pretrained(model, tmp_path / "hf", format="hf", notes={"a": 1})
+    assert not (tmp_path / "x.safetensors").exists() and not (tmp_path / "hf").exists()
+
+
 def test_save_overwrites_atomically(tmp_path):
     path = tmp_path / "m.safetensors"
     save_pretrained(random_vit(seed=0), path)
