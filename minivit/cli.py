@@ -36,11 +36,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, KeyError, RuntimeError, OSError) as exc:
+    except (ValueError, TypeError, KeyError, RuntimeError, OSError, OverflowError) as exc:
         # Bad input from the command line: one clear line, no traceback. (str() of a
         # KeyError quotes its message, so take the message itself.)
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"minivit {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except MemoryError as exc:
+        # An absurd size (--set dim=1000000, a huge batch, a file that asks for too much):
+        # what the user can change is the size, not the code. NumPy's message says how much
+        # it tried to allocate; a bare MemoryError says nothing.
+        detail = f" ({exc})" if str(exc) else ""
+        print(f"minivit {args.command}: error: out of memory{detail}; "
+              f"the model, batch or input is too large for this machine", file=sys.stderr)
         return 2
 
 

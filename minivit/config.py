@@ -7,6 +7,7 @@ Shape legend used across minivit:
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from dataclasses import dataclass
 
@@ -16,6 +17,9 @@ POOLS = ("cls", "mean")
 POS_EMBEDS = ("learned", "sincos2d", "none")
 GELUS = ("exact", "tanh")
 INITS = ("timm", "mimetic")
+# No size of a model can exceed this (2**31 - 1): far beyond any ViT, and it keeps absurd
+# values such as dim=10**400 out of the float arithmetic below (int to float overflows).
+MAX_SIZE = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,10 @@ class ViTConfig:
                 raise ValueError(f"ViTConfig.{name} must be a positive integer, got {value!r}")
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 0:
             raise ValueError(f"ViTConfig.num_classes must be an integer >= 0, got {self.num_classes!r}")
+        for name in ("img_size", "patch_size", "in_chans", "dim", "depth", "heads", "num_classes", "mlp_dim"):
+            value = getattr(self, name)
+            if isinstance(value, int) and value > MAX_SIZE:
+                raise ValueError(f"ViTConfig.{name}={value} is too large (at most {MAX_SIZE})")
         if self.img_size % self.patch_size:
             raise ValueError(
                 f"ViTConfig.img_size={self.img_size} is not divisible by patch_size={self.patch_size}; "
@@ -67,9 +75,20 @@ class ViTConfig:
             isinstance(self.mlp_dim, bool) or not isinstance(self.mlp_dim, int) or self.mlp_dim <= 0
         ):
             raise ValueError(f"ViTConfig.mlp_dim must be a positive integer or None, got {self.mlp_dim!r}")
+        # Every float field must be finite. inf passes `> 0`, NaN passes `not <= 0`; they then
+        # turn into an OverflowError deep inside (int(inf * dim)), or a run that trains a whole
+        # epoch and fails only when it saves its config (JSON has no inf or NaN).
+        for name in ("mlp_ratio", "dropout", "attn_dropout", "drop_path", "ln_eps"):
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"ViTConfig.{name} must be a finite number, got {value!r}")
         if not isinstance(self.mlp_ratio, (int, float)) or isinstance(self.mlp_ratio, bool) or self.mlp_ratio <= 0:
             raise ValueError(f"ViTConfig.mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
-        if int(self.mlp_ratio * self.dim) <= 0:
+        hidden = self.mlp_ratio * self.dim                    # may overflow to inf: 1e308 * 768
+        if not hidden < MAX_SIZE + 1:
+            raise ValueError(f"ViTConfig.mlp_ratio={self.mlp_ratio} gives an MLP wider than {MAX_SIZE} "
+                             f"for dim={self.dim}")
+        if int(hidden) <= 0:
             raise ValueError(f"ViTConfig.mlp_ratio={self.mlp_ratio} gives an empty MLP for dim={self.dim}")
         for name in ("dropout", "attn_dropout", "drop_path"):
             value = getattr(self, name)
@@ -83,8 +102,12 @@ class ViTConfig:
             raise ValueError(f"pos_embed='sincos2d' needs dim divisible by 4, got dim={self.dim}")
         if not isinstance(self.qkv_bias, bool):
             raise ValueError(f"ViTConfig.qkv_bias must be True or False, got {self.qkv_bias!r}")
-        if isinstance(self.ln_eps, bool) or not isinstance(self.ln_eps, (int, float)) or not self.ln_eps > 0:
-            raise ValueError(f"ViTConfig.ln_eps must be a positive number, got {self.ln_eps!r}")
+        if isinstance(self.ln_eps, bool) or not isinstance(self.ln_eps, (int, float)) or not 0 < self.ln_eps <= 1:
+            raise ValueError(f"ViTConfig.ln_eps must be a positive number at most 1, got {self.ln_eps!r}")
+        if np.float32(self.ln_eps) == 0:
+            # var + eps is computed in float32: an eps that rounds to 0 there protects nothing,
+            # and a token with zero variance would be divided by 0
+            raise ValueError(f"ViTConfig.ln_eps={self.ln_eps!r} rounds to 0 in float32; use at least 1e-38")
 
     # Derived sizes, named as in the shape legend.
     @property

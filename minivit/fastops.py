@@ -57,6 +57,7 @@ from .backend import erf, get_array_module
 
 # These are as fast as they need to be in ops.py already, so they are shared.
 from .ops import (  # noqa: F401  (re-exported: fastops offers every op of ops.py)
+    check_label_smoothing,
     check_labels,
     cls_pos_backward,
     cls_pos_forward,

@@ -24,7 +24,8 @@ FLOAT_DTYPES = (np.float32, np.float64)
 #                updates, BLAS-friendly layouts); tested against ops.py op by op
 #   "reference"  ops.py: the clear versions, one formula per line, to read and learn from
 # Switch between training steps, not between a forward pass and its backward: each set of
-# ops reads only the caches it made itself.
+# ops reads only the caches it made itself (each module notes which ops made its cache, and
+# its backward refuses the other's: Module._check_cache).
 OPS_KINDS = ("fast", "reference")
 _OPS_BY_KIND = {"fast": fastops, "reference": reference_ops}
 OPS = fastops
@@ -159,6 +160,7 @@ class Module:
         """Drop what the last forward pass kept for backward, here and below (frees its memory)."""
         for m in self.modules():
             m._cache = None
+            m._cache_ops = None
 
     def state_dict(self) -> dict:
         """{name: array} for every parameter; the arrays are the live ones, as in PyTorch."""
@@ -199,6 +201,16 @@ class Module:
                 f"{type(self).__name__}.backward() was called without a matching forward() "
                 f"(each forward keeps its cache for exactly one backward)"
             )
+        # The two sets of ops lay their caches out differently: handed the other one's cache,
+        # a backward would fail deep inside with "too many values to unpack".
+        made_by = getattr(self, "_cache_ops", None)     # "fast" or "reference" (a name: models stay deep-copyable)
+        if made_by is not None and made_by != get_ops_kind():
+            raise RuntimeError(
+                f"{type(self).__name__}.backward(): its forward() ran with the {made_by!r} ops, but "
+                f"modules.set_ops({get_ops_kind()!r}) was called before backward(); each set of ops reads "
+                f"only the caches it made itself. Switch ops between training steps, not between a forward "
+                f"pass and its backward: run forward() again."
+            )
         return cache
 
     def _dropout_mask(self, shape, p, like):
@@ -222,6 +234,7 @@ class Linear(Module):
     def forward(self, x):
         w = self.weight.data
         out, self._cache = OPS.linear_forward(x, w.reshape(w.shape[0], -1), None if self.bias is None else self.bias.data)
+        self._cache_ops = get_ops_kind()    # which ops made the cache: backward checks it is the same
         return out
 
     def backward(self, dout):
@@ -242,6 +255,7 @@ class LayerNorm(Module):
 
     def forward(self, x):
         out, self._cache = OPS.layernorm_forward(x, self.weight.data, self.bias.data, self.eps)
+        self._cache_ops = get_ops_kind()
         return out
 
     def backward(self, dout):
@@ -263,6 +277,7 @@ class PatchEmbed(Module):
 
     def forward(self, x):
         patches, self._cache = OPS.patchify_forward(x, self.patch_size)   # (B, G*G, C*P*P)
+        self._cache_ops = get_ops_kind()
         return self.proj(patches)                                         # (B, G*G, D)
 
     def backward(self, dout):
@@ -297,6 +312,7 @@ class Attention(Module):
         self.attention = OPS.attention_probs(attn_cache).copy() if self.keep_attention else None
         out, drop_cache = OPS.dropout_forward(out, self._dropout_mask(out.shape, self.proj_drop, x))
         self._cache = (attn_cache, drop_cache)
+        self._cache_ops = get_ops_kind()
         return out
 
     def backward(self, dout):
@@ -331,6 +347,7 @@ class Mlp(Module):
             x, self.fc1.weight.data, self.fc1.bias.data, self.fc2.weight.data, self.fc2.bias.data,
             self.gelu, mask1, mask2,
         )                                                                 # (B, N, D)
+        self._cache_ops = get_ops_kind()
         return out
 
     def backward(self, dout):
@@ -368,6 +385,7 @@ class Block(Module):
         m, drop2 = OPS.dropout_forward(self.mlp(self.norm2(x)), mask2)   # (B, N, D)
         x = x + m
         self._cache = (drop1, drop2)
+        self._cache_ops = get_ops_kind()
         return x
 
     def backward(self, dout):

@@ -17,6 +17,7 @@ Shape legend:
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -372,15 +373,27 @@ def check_labels(labels, logits):
         raise ValueError(f"label {bad} is out of range: labels must be in [0, {K}) for {K} classes")
 
 
+def check_label_smoothing(label_smoothing) -> float:
+    """label_smoothing must be a number in [0, 1] (as in PyTorch); returned as a Python float.
+    Outside that range the target has negative entries (or NaN) and the "loss" still comes
+    out as a plausible number, so it is refused here rather than trained on."""
+    if isinstance(label_smoothing, (bool, np.bool_)) or not isinstance(label_smoothing, numbers.Real):
+        raise TypeError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    if not 0.0 <= label_smoothing <= 1.0:                       # also refuses NaN
+        raise ValueError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    return float(label_smoothing)
+
+
 def cross_entropy_forward(logits, labels, label_smoothing=0.0):
     """Mean softmax cross-entropy over the batch. logits (B, K), labels (B,) integers.
 
-    With label smoothing s the target is (1 - s) on the true class plus s / K on every
-    class. log-softmax is computed as x - max - log(sum(exp(x - max))), which never
-    overflows and never takes the log of 0.
+    With label smoothing s (in [0, 1]) the target is (1 - s) on the true class plus s / K on
+    every class, as in PyTorch. log-softmax is computed as x - max - log(sum(exp(x - max))),
+    which never overflows and never takes the log of 0.
     """
     xp = get_array_module(logits)
     check_labels(labels, logits)
+    label_smoothing = check_label_smoothing(label_smoothing)
     B, K = logits.shape
     shifted = logits - logits.max(axis=1, keepdims=True)        # (B, K), max is 0
     logsumexp = xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))  # (B, 1)

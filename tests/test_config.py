@@ -1,6 +1,7 @@
 """ViTConfig validation: every bad value is a clear error naming it."""
 import dataclasses
 
+import numpy as np
 import pytest
 
 from minivit import PRESETS, ViTConfig, get_preset
@@ -26,10 +27,47 @@ from minivit import PRESETS, ViTConfig, get_preset
     ({"ln_eps": 0.0}, "ln_eps must be a positive number"),
     ({"qkv_bias": 1}, "qkv_bias must be True or False"),
     ({"pos_embed": "sincos2d", "dim": 6, "heads": 2}, "sincos2d' needs dim divisible by 4"),
+    # inf and NaN: an OverflowError deep inside, or a run that trains and then cannot save its config
+    ({"mlp_ratio": float("inf")}, "mlp_ratio must be a finite number, got inf"),
+    ({"mlp_ratio": float("nan")}, "mlp_ratio must be a finite number, got nan"),
+    ({"mlp_ratio": np.float64("inf")}, "mlp_ratio must be a finite number, got inf"),
+    ({"mlp_ratio": 1e308}, "mlp_ratio=1e\\+308 gives an MLP wider than 2147483647 for dim=768"),
+    ({"ln_eps": float("inf")}, "ln_eps must be a finite number, got inf"),
+    ({"ln_eps": float("nan")}, "ln_eps must be a finite number, got nan"),
+    ({"ln_eps": 2.0}, "ln_eps must be a positive number at most 1, got 2.0"),
+    ({"ln_eps": 1e-50}, "ln_eps=1e-50 rounds to 0 in float32"),
+    ({"dropout": float("nan")}, "dropout must be a finite number, got nan"),
+    ({"drop_path": float("-inf")}, "drop_path must be a finite number, got -inf"),
+    ({"attn_dropout": float("inf")}, "attn_dropout must be a finite number, got inf"),
+    # sizes no machine can hold, and that would overflow the float arithmetic
+    ({"dim": 10**400}, "dim=1000+ is too large \\(at most 2147483647\\)"),
+    ({"mlp_dim": 2**31}, "mlp_dim=2147483648 is too large"),
+    ({"num_classes": 2**40}, "num_classes=1099511627776 is too large"),
 ])
 def test_invalid_configs(overrides, message):
     with pytest.raises(ValueError, match=message):
         ViTConfig(**overrides)
+
+
+HOSTILE_FLOATS = [float("inf"), float("-inf"), float("nan"), 1e308, -1e308, 5e-324, -0.0, 1e-50, 1e30]
+
+
+@pytest.mark.parametrize("name", ["mlp_ratio", "dropout", "attn_dropout", "drop_path", "ln_eps"])
+@pytest.mark.parametrize("value", HOSTILE_FLOATS)
+def test_every_float_field_is_refused_by_name_or_usable(name, value):
+    """Whatever a float field is given, the config either refuses it with a ValueError naming
+    the field, or is a config a run can use: its sizes are integers and it saves as strict
+    JSON (no inf or NaN, which json.dumps would only refuse when a trained run saves)."""
+    import json
+
+    try:
+        cfg = ViTConfig(img_size=8, patch_size=4, dim=8, heads=2, depth=1, num_classes=3, **{name: value})
+    except ValueError as exc:
+        assert f"ViTConfig.{name}" in str(exc)
+        return
+    json.dumps(cfg.to_dict(), allow_nan=False)
+    assert isinstance(cfg.hidden_dim, int) and 0 < cfg.hidden_dim <= 2**31 - 1
+    assert np.float32(cfg.ln_eps) > 0
 
 
 def test_unknown_option_is_named():

@@ -68,14 +68,55 @@ def restore_ops_and_threads():
     fastops._BLOCK_BYTES = block
 
 
+def _row_offset(block):
+    """Where a block (a view) starts in memory: sorts the recorded blocks into block order."""
+    return block.__array_interface__["data"][0]
+
+
+def _short_last_block(sizes):
+    """True when the blocks of one call (their row counts, in block order) are several, and
+    the last is shorter than the others."""
+    return len(sizes) >= 2 and sizes[-1] < sizes[0] and len(set(sizes[:-1])) == 1
+
+
 @pytest.fixture(params=["one block", "many blocks, 2 threads"])
 def blocks(request, monkeypatch):
-    """Run each comparison with whole arrays and with tiny blocks on two threads, so the
-    block and thread splitting (and a last block shorter than the others) are exercised."""
+    """Run each comparison with whole arrays and with small blocks on two threads, so the
+    block and thread splitting, and a last block shorter than the others, are exercised.
+
+    A fixed small _BLOCK_BYTES cannot promise a short last block: most rows are longer than
+    the blocks, so every block is one row. Instead each call gets blocks of the smallest
+    number of rows >= 2 that does not divide its rows (3 rows: 2 + 1, 10 rows: 3 + 3 + 3 + 1;
+    2 rows: 1 + 1), and the blocks the kernels really saw are recorded, then checked after the
+    test. Returns that record: [(rows, [rows of each block, in block order]), ...]."""
+    splits = []
     if request.param != "one block":
-        monkeypatch.setattr(fastops, "_BLOCK_BYTES", 64)
         fastops.set_num_threads(2)
-    return request.param
+        blockwise = fastops._blockwise
+
+        def small_blocks(kernel, arrays, row_bytes, min_rows=1):
+            rows = next(a for a in arrays if a is not None).shape[0]
+            step = next((n for n in range(2, rows) if rows % n), 1)
+            seen = {}
+
+            def counting_kernel(*parts):
+                start = next(a for a in parts if a is not None)
+                seen[_row_offset(start)] = start.shape[0]   # blocks run on two threads, in any order
+                return kernel(*parts)
+
+            monkeypatch.setattr(fastops, "_BLOCK_BYTES", step * max(1, row_bytes))
+            results = blockwise(counting_kernel, arrays, row_bytes, min_rows)
+            splits.append((rows, [seen[k] for k in sorted(seen)]))
+            return results
+
+        monkeypatch.setattr(fastops, "_blockwise", small_blocks)
+    yield splits
+    for rows, sizes in splits:
+        assert sum(sizes) == rows, (rows, sizes)
+        if rows >= 2:
+            assert len(sizes) >= 2, f"{rows} rows ran as one block"
+        if rows >= 3:
+            assert _short_last_block(sizes), f"{rows} rows split as {sizes}: no short last block"
 
 
 # ----------------------------------------------------------------------------- fast == reference
@@ -87,7 +128,7 @@ def test_fastops_offers_every_op_of_ops():
     assert not missing, f"fastops lacks {missing}"
     rewritten = {"linear_forward", "linear_backward", "layernorm_forward", "layernorm_backward",
                  "gelu_forward", "gelu_backward", "softmax_forward", "softmax_backward",
-                 "attention_forward", "attention_backward", "mlp_forward", "mlp_backward"}
+                 "attention_forward", "attention_backward", "attention_probs", "mlp_forward", "mlp_backward"}
     for n in public:   # everything not rewritten is the reference function itself
         assert (getattr(fastops, n) is getattr(ops, n)) == (n not in rewritten), n
 
@@ -174,6 +215,41 @@ def attention_inputs(rng, dtype, B_=B, N_=N, D_=D, H_=H, bias=True, mask_p=None)
 def test_attention(rng, dtype, bias, mask_p, size, blocks):
     B_, N_, D_, H_ = size
     compare("attention", attention_inputs(rng, dtype, B_, N_, D_, H_, bias, mask_p), dtype)
+
+
+@pytest.mark.parametrize("dtype, weight_scale, least_score", [(np.float32, 3.0, 100.0), (np.float64, 10.0, 1000.0)])
+def test_attention_with_large_scores(rng, dtype, weight_scale, least_score, blocks):
+    """Scores far beyond where exp() overflows (float32 at ~88, float64 at ~709): the softmax
+    must subtract each row's maximum first. With small scores a kernel without it gives the
+    same numbers, so the other tests cannot tell."""
+    inputs = attention_inputs(rng, dtype, 3, 17, 12, 3, mask_p=0.1)
+    inputs["qkv_w"] = inputs["qkv_w"] * weight_scale
+    qkv, _ = ops.linear_forward(inputs["x"], inputs["qkv_w"], inputs["qkv_b"])     # (B, N, 3D)
+    q, k, _ = qkv.reshape(3, 17, 3, 3, 4).transpose(2, 0, 3, 1, 4)               # (B, H, N, hs)
+    scores = (q / 2.0) @ k.swapaxes(-1, -2)                                        # q k^T / sqrt(hs), hs = 4
+    assert scores.max() > least_score           # exp() of it overflows: the test is as strong as it claims
+    out, cache = fastops.attention_forward(**inputs)
+    assert np.isfinite(out).all()
+    assert all(np.isfinite(g).all() for g in fastops.attention_backward(np.ones_like(out), cache))
+    compare("attention", inputs, dtype)
+
+
+def test_many_blocks_fixture_has_a_short_last_block(rng, blocks, request):
+    """The "many blocks, 2 threads" runs really split every op into several blocks, the last
+    one shorter (the fixture records the blocks each kernel got, and checks every call)."""
+    if request.node.callspec.params["blocks"] == "one block":
+        assert blocks == []
+        return
+    x = randn(rng, 3, 5, 8, dtype=np.float32)                  # 15 rows: 2 + 2 + ... + 1
+    out, cache = fastops.layernorm_forward(x, np.ones(8, np.float32), np.zeros(8, np.float32))
+    fastops.layernorm_backward(out, cache)
+    fastops.gelu_forward(x)
+    inputs = attention_inputs(rng, np.float32, 3, 5, 8, 2)     # 3 images: 2 + 1
+    out, cache = fastops.attention_forward(**inputs)
+    fastops.attention_backward(out, cache)
+    assert len(blocks) == 5
+    assert [rows for rows, _ in blocks] == [15, 15, 15, 3, 3]
+    assert all(_short_last_block(sizes) for _, sizes in blocks), blocks
 
 
 def mlp_inputs(rng, dtype, gelu, masks, F=12):

@@ -390,3 +390,36 @@ def test_attention_maps_survive_backward_and_later_passes_and_need_asking_for():
         model.attention_maps()
     with pytest.raises(TypeError, match="keep_attention"):
         model(x, keep_attention="yes")
+
+
+# ----------------------------------------------------------------------------- switching ops
+
+@pytest.mark.parametrize("first, then", [("fast", "reference"), ("reference", "fast")])
+@pytest.mark.parametrize("num_classes", [3, 0])          # 0: no head, the final LayerNorm is the first to see dout
+def test_switching_ops_between_forward_and_backward_is_a_clear_error(rng, first, then, num_classes):
+    """The two sets of ops lay their caches out differently: a backward handed the other's
+    cache used to fail with "too many values to unpack" (or "not enough")."""
+    import copy
+
+    from minivit import modules
+    model = tiny_model(num_classes=num_classes)
+    x, _ = batch(rng)
+    previous = modules.set_ops(first)
+    try:
+        out = model(x)
+        modules.set_ops(then)
+        with pytest.raises(RuntimeError, match=rf"forward\(\) ran with the '{first}' ops, but "
+                                               rf"modules.set_ops\('{then}'\) was called before backward"):
+            model.backward(np.ones_like(out))
+        assert all(p.grad is None for p in model.parameters())    # refused before any gradient was added
+        copy.deepcopy(model)                                      # the note of the ops is a name, not a module
+        out = model(x)                                            # a new forward pass with these ops is fine
+        assert model.backward(np.ones_like(out)).shape == x.shape
+        block = model.blocks[0]                                   # the modules themselves refuse too
+        modules.set_ops(first)
+        y = block(rng.standard_normal((3, TINY.num_tokens, TINY.dim)))
+        modules.set_ops(then)
+        with pytest.raises(RuntimeError, match=f"Block.backward.*'{first}' ops"):
+            block.backward(np.ones_like(y))
+    finally:
+        modules.set_ops(previous)

@@ -221,6 +221,56 @@ def test_cross_entropy_rejects_bad_labels():
         ops.cross_entropy_forward(logits, [0, 1])
 
 
+@pytest.mark.parametrize("module", ["ops", "fastops"])
+@pytest.mark.parametrize("smoothing, error, message", [
+    (-0.5, ValueError, "label_smoothing must be a number in \\[0, 1\\], got -0.5"),
+    (1.5, ValueError, "got 1.5"),
+    (float("nan"), ValueError, "got nan"),
+    (np.float32("nan"), ValueError, "got np.float32\\(nan\\)|got nan"),
+    (float("inf"), ValueError, "got inf"),
+    (True, TypeError, "got True"),
+    ("0.1", TypeError, "got '0.1'"),
+    (None, TypeError, "got None"),
+])
+def test_cross_entropy_rejects_bad_label_smoothing(module, smoothing, error, message):
+    """Outside [0, 1] the target has negative entries (or NaN), yet the loss looks plausible."""
+    from minivit import fastops
+    op = (ops if module == "ops" else fastops).cross_entropy_forward
+    with pytest.raises(error, match=message):
+        op(np.zeros((2, 3)), np.array([0, 1]), smoothing)
+
+
+def _smoothed_loss_by_hand(logits, labels, s):
+    """The definition: target (1 - s) * onehot + s / K, loss = mean over rows of -sum(target * log_softmax)."""
+    B, K = logits.shape
+    logp = logits - logits.max(axis=1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(axis=1, keepdims=True))
+    target = (1 - s) * np.eye(K)[labels] + s / K
+    return -(target * logp).sum() / B, (np.exp(logp) - target) / B
+
+
+@pytest.mark.parametrize("module", ["ops", "fastops"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3, 1.0])
+def test_label_smoothing_matches_the_closed_form_and_torch(rng, torch, module, smoothing):
+    """(1 - s) on the true class plus s / K on EVERY class (the true one included), as in
+    PyTorch. A target with s / (K - 1) on the other classes and 1 - s on the true one also
+    sums to 1, so the gradient check cannot tell the two apart: compare the values."""
+    from minivit import fastops
+    m = ops if module == "ops" else fastops
+    logits = randn(rng, 5, 7, scale=3.0)
+    labels = np.array([0, 6, 3, 3, 1])
+    loss, cache = m.cross_entropy_forward(logits, labels, smoothing)
+    grad = m.cross_entropy_backward(cache)
+    want_loss, want_grad = _smoothed_loss_by_hand(logits, labels, smoothing)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-10, atol=1e-15)
+    t_logits = torch.tensor(logits, requires_grad=True)
+    t_loss = torch.nn.functional.cross_entropy(t_logits, torch.tensor(labels), label_smoothing=smoothing)
+    t_loss.backward()
+    np.testing.assert_allclose(loss, t_loss.item(), rtol=1e-12)
+    np.testing.assert_allclose(grad, t_logits.grad.numpy(), rtol=1e-10, atol=1e-15)
+
+
 def test_gelu_values():
     x = np.array([-3.0, -1.0, 0.0, 0.5, 2.0])
     from scipy.stats import norm

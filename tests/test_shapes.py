@@ -59,11 +59,38 @@ def test_cli_overrides(capsys):
     (["--set", "width=3"], "unknown config option 'width'"),
     (["--set", "depth=many"], "'many' is not a valid value for depth"),
     (["--set", "heads=5"], "not divisible by heads=5"),
+    (["--set", "mlp_ratio=inf"], "ViTConfig.mlp_ratio must be a finite number, got inf"),
+    (["--set", "mlp_ratio=nan"], "ViTConfig.mlp_ratio must be a finite number, got nan"),
+    (["--set", "mlp_ratio=1e308"], "ViTConfig.mlp_ratio=1e+308 gives an MLP wider than"),
+    (["--set", "ln_eps=inf"], "ViTConfig.ln_eps must be a finite number, got inf"),
+    (["--set", "dim=" + "9" * 400], "ViTConfig.dim=999"),
 ])
 def test_cli_bad_input_is_one_clear_line(capsys, args, message):
     assert main(["shapes", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert err.startswith("minivit shapes: error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("error, message", [
+    (MemoryError("Unable to allocate 10.9 TiB for an array with shape (3000000, 1000000) and data type float32"),
+     "minivit shapes: error: out of memory (Unable to allocate 10.9 TiB for an array with shape"),
+    (MemoryError(), "minivit shapes: error: out of memory; the model, batch or input is too large"),
+    (OverflowError("cannot convert float infinity to integer"),
+     "minivit shapes: error: cannot convert float infinity to integer"),
+])
+def test_cli_turns_memory_and_overflow_errors_into_one_line(capsys, monkeypatch, error, message):
+    """`--set dim=1000000 --set heads=1` runs out of memory building the model; any command
+    that does must say so in one line and exit 2. (Raised by hand: nothing is allocated.)"""
+    import minivit.shapes
+
+    def run_out_of_memory(args):
+        raise error
+
+    monkeypatch.setattr(minivit.shapes, "_run", run_out_of_memory)
+    assert main(["shapes", "--preset", "cifar-lesson"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_parse_overrides_types():
