@@ -161,8 +161,9 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 def gelu_forward(x, approximate="exact"):
     """GELU(x) = x * Phi(x), Phi the standard normal CDF.
 
-    "exact" uses erf, as the paper's code and timm do; "tanh" is the approximation
-    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) used by GPT-2.
+    "exact" uses erf, as timm and Hugging Face do; "tanh" is the approximation
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) used by GPT-2 and by the paper's JAX code
+    (flax's nn.gelu defaults to approximate=True).
     """
     if approximate == "exact":
         phi = 0.5 * (1.0 + erf(x * _SQRT_HALF))     # Phi(x)
