@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from .backend import is_array, to_numpy
+from .config import ViTConfig
+from .optim import SGD, AdamW
+from .pretrained import check_parameter_shapes, read_npz_headers
 
 FORMAT = "minivit-checkpoint"
 VERSION = 1                       # bump when the layout changes; load_checkpoint refuses others
@@ -31,6 +34,14 @@ MODEL_PREFIX = "model/"
 OPTIM_PREFIX = "optim/"
 # Keys of meta.json that save_checkpoint fills in itself; `extra` may not reuse them.
 RESERVED_META_KEYS = ("format", "version", "config", "epoch", "rng", "optimizer")
+# The largest meta.json read: it holds the config, the settings and one short row of metrics per
+# epoch (about 200 bytes), so even 10000 epochs stay far below. Checked from the entry's header
+# before it is read: a compressed entry can otherwise unpack to GBs. A module constant, for tests.
+MAX_META_BYTES = 16 * 2**20
+# The per-parameter optimiser arrays a checkpoint may hold (optim/<name>.<index>).
+OPTIM_ARRAY_NAMES = tuple(sorted({n for cls in (SGD, AdamW) for n in cls.state_names} - {"step"}))
+# Random generators a checkpoint's rng states may be for (minivit uses PCG64, default_rng's).
+BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
 
 
 def _default_file_mode() -> int:
@@ -77,6 +88,9 @@ def save_checkpoint(path, model, optimizer, epoch: int, rng_state: dict, extra: 
         raise ValueError(f"save_checkpoint: extra uses reserved key(s) {clash}")
     if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
         raise ValueError(f"save_checkpoint: epoch must be an integer >= 0, got {epoch!r}")
+    if not isinstance(rng_state, dict):
+        raise TypeError(f"save_checkpoint: rng_state must be a dict of bit_generator.state dicts, got "
+                        f"{type(rng_state).__name__}")
 
     arrays = {}
     for name, value in model.state_dict().items():
@@ -110,8 +124,11 @@ def save_checkpoint(path, model, optimizer, epoch: int, rng_state: dict, extra: 
             os.fsync(f.fileno())      # the bytes are on disk before the rename makes them `path`
         os.chmod(tmp_name, DEFAULT_FILE_MODE)   # mkstemp made it private (0600)
         os.replace(tmp_name, path)
-    except BaseException:             # also KeyboardInterrupt: never leave a half-written temp file
+    except BaseException as exc:      # also KeyboardInterrupt: never leave a half-written temp file
         Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            # A full disk says "[Errno 28] No space left on device" without naming the file.
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
     _fsync_dir(path.parent)           # make the rename itself survive a power cut
     return path
@@ -139,19 +156,25 @@ def load_checkpoint(path) -> tuple[dict, dict | None, dict]:
         meta             the decoded meta.json (config, epoch, rng, ...)
 
     FileNotFoundError for a missing file; ValueError for a truncated file, a file that is
-    not a minivit checkpoint, or one written in another format version.
+    not a minivit checkpoint, one written in another format version, one whose entries are not
+    what its config describes (checked from the entries' headers before any array is read, so a
+    small file cannot make this allocate more than the model it describes), and one whose
+    weights are not finite (NaN or infinity).
     """
     path = Path(path)
-    entries = _read_entries(path, everything=True)
-    meta = _decode_meta(entries.pop(META_KEY), path)
+    headers, meta = _headers_and_meta(path)
+    entries = _read_arrays(path, [key for key in headers if key != META_KEY])
     state_dict, optim_arrays = {}, {}
     for key, value in entries.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            bad = int(value.size - np.isfinite(value).sum())
+            raise ValueError(f"{path}: entry {key!r} holds {bad} non-finite value(s) (NaN or infinity) of "
+                             f"{value.size}; refused, as NaN weights make every prediction NaN (a run that "
+                             f"diverged, or a damaged file)")
         if key.startswith(MODEL_PREFIX):
             state_dict[key[len(MODEL_PREFIX):]] = value
-        elif key.startswith(OPTIM_PREFIX):
-            optim_arrays[key[len(OPTIM_PREFIX):]] = value
         else:
-            raise ValueError(f"{path}: unexpected entry {key!r} (expected model/..., optim/... or {META_KEY})")
+            optim_arrays[key[len(OPTIM_PREFIX):]] = value
     optimizer_state = None
     if meta.get("optimizer") is not None:
         optimizer_state = {**meta["optimizer"], **optim_arrays}
@@ -159,29 +182,86 @@ def load_checkpoint(path) -> tuple[dict, dict | None, dict]:
 
 
 def read_checkpoint_meta(path) -> dict:
-    """Only the meta.json of a checkpoint (cheap: the arrays are not read). Same errors as load_checkpoint."""
-    path = Path(path)
-    return _decode_meta(_read_entries(path, everything=False)[META_KEY], path)
+    """Only the meta.json of a checkpoint (cheap: the arrays are not read, only their headers,
+    which are checked against the config as load_checkpoint does). Same errors as load_checkpoint
+    but for non-finite weights."""
+    return _headers_and_meta(Path(path))[1]
 
 
-def _read_entries(path: Path, everything: bool) -> dict:
-    """{entry name: array} from the .npz at path: all entries, or only meta.json."""
+def _headers_and_meta(path: Path):
+    """({entry name: its .npy header}, the decoded meta.json), every entry checked against the
+    config in meta.json before any array is read."""
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):   # an .npz is a zip archive
+        raise ValueError(f"{path} is not a readable minivit checkpoint: {_what_it_is(path)}")
     try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):    # a plain .npy file gives one array
-            raise ValueError("it holds a single array, not an .npz archive")
-        with loaded as npz:
-            if META_KEY not in npz.files:
-                raise ValueError(f"it has no {META_KEY!r} entry (entries: {sorted(npz.files)[:5]})")
+        headers = read_npz_headers(path)
+    except ValueError as exc:
+        raise ValueError(f"{path} is not a readable minivit checkpoint: {exc}") from None
+    if META_KEY not in headers:
+        raise ValueError(f"{path} is not a readable minivit checkpoint: it has no {META_KEY!r} entry "
+                         f"(entries: {sorted(headers)[:5]})")
+    meta_header = headers[META_KEY]
+    if meta_header.dtype.kind != "U" or meta_header.shape != () or meta_header.nbytes > MAX_META_BYTES:
+        raise ValueError(f"{path}: {META_KEY} should be one JSON string of at most {MAX_META_BYTES} bytes, got "
+                         f"a {meta_header.dtype} array of shape {meta_header.shape} ({meta_header.nbytes} bytes)")
+    meta = _decode_meta(_read_arrays(path, [META_KEY])[META_KEY], path)
+    _check_entries(headers, meta, path)
+    return headers, meta
+
+
+def _what_it_is(path: Path) -> str:
+    """What a file that is not an .npz (zip) archive seems to be, from its first bytes, for messages."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    kinds = [(b"\x93NUMPY", "a single array (.npy)"), (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
+             (b"\x1f\x8b", "gzip-compressed (a .tar.gz?)"), (b"\x80", "a pickle, which minivit never loads")]
+    kind = next((kind for magic, kind in kinds if head.startswith(magic)), None)
+    # safetensors: an 8-byte little-endian header length, then the JSON header itself.
+    if kind is None and head[8:9] == b"{":
+        kind = ("a safetensors file (pretrained weights: `minivit predict --weights` and `minivit train --init` "
+                "read those)")
+    what = (f"it is {kind}, not" if kind else
+            "it may be truncated (an interrupted copy?) or a different kind of file: not")
+    return f"{what} an .npz archive; expected an .npz written by minivit train (checkpoint.npz or best.npz)"
+
+
+def _read_arrays(path: Path, keys) -> dict:
+    """{entry name: array} for the given entries of the .npz at path (already checked by their headers)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
             # Read the entries now, inside the try: a damaged file fails here, not later.
-            return {key: npz[key] for key in (npz.files if everything else [META_KEY])}
+            return {key: npz[key] for key in keys}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError) as exc:
-        # np.load raises many things for a bad file: BadZipFile (truncated zip), ValueError
-        # (pickled data, bad .npy header), EOFError, OSError. One message for all of them.
+        # A damaged member fails in many ways: BadZipFile (bad CRC), EOFError, ValueError (short data).
         raise ValueError(f"{path} is not a readable minivit checkpoint ({type(exc).__name__}: {exc}); "
-                         f"it may be truncated (an interrupted copy?) or a different kind of file") from None
+                         f"it may be truncated (an interrupted copy?) or damaged") from None
+
+
+def _check_entries(headers: dict, meta: dict, path: Path):
+    """ValueError unless the entries are exactly what the saved config's model (and an optimiser
+    for it) needs: model/<name> for every parameter with its shape, optim/<state>.<index> shaped
+    like a parameter, and nothing else. Only headers are read, nothing is built."""
+    try:
+        config = ViTConfig.from_dict(meta.get("config"))
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ValueError(f"{path}: the config in its {META_KEY} is not a valid ViTConfig ({exc})") from None
+    model = {k[len(MODEL_PREFIX):]: h.shape for k, h in headers.items() if k.startswith(MODEL_PREFIX)}
+    others = [k for k in headers if not k.startswith((MODEL_PREFIX, OPTIM_PREFIX)) and k != META_KEY]
+    if others:
+        raise ValueError(f"{path}: unexpected entry {others[0]!r} (expected model/..., optim/... or {META_KEY})")
+    expected = check_parameter_shapes(config, model, str(path), spell=lambda name: repr(MODEL_PREFIX + name))
+    shapes, n = set(expected.values()), len(expected)
+    for key, header in headers.items():
+        if header.dtype.kind not in "fiu" and key != META_KEY:
+            raise ValueError(f"{path}: entry {key!r} has non-numeric dtype {header.dtype}")
+        if key.startswith(OPTIM_PREFIX):
+            what, _, index = key[len(OPTIM_PREFIX):].rpartition(".")
+            if what not in OPTIM_ARRAY_NAMES or not index.isdigit() or int(index) >= n or header.shape not in shapes:
+                raise ValueError(f"{path}: entry {key!r} of shape {header.shape} is not an optimiser state the "
+                                 f"model can have (expected optim/<name>.<index> with name in {OPTIM_ARRAY_NAMES}, "
+                                 f"index < {n}, shaped like a parameter)")
 
 
 def _decode_meta(meta_array, path) -> dict:
@@ -194,4 +274,26 @@ def _decode_meta(meta_array, path) -> dict:
     if meta.get("version") != VERSION:
         raise ValueError(f"{path} is a version {meta.get('version')!r} checkpoint; this minivit reads version "
                          f"{VERSION} only")
+    epoch = meta.get("epoch")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise ValueError(f"{path}: {META_KEY} gives epoch {epoch!r}; expected the number of completed epochs, "
+                         f"an integer >= 0 (the file is damaged)")
+    rng = meta.get("rng")
+    if not isinstance(rng, dict):
+        raise ValueError(f"{path}: {META_KEY} gives rng {rng!r}; expected a dict of random generator states")
+    for name, state in rng.items():
+        _check_rng_state(state, f"{path}: {META_KEY}'s rng[{name!r}]")
     return meta
+
+
+def _check_rng_state(state, where):
+    """ValueError unless `state` is one NumPy accepts as a bit generator's state."""
+    kind = state.get("bit_generator") if isinstance(state, dict) else None
+    if kind not in BIT_GENERATORS:
+        raise ValueError(f"{where} is not a random generator state (expected a dict with \"bit_generator\" "
+                         f"one of {BIT_GENERATORS}, as bit_generator.state gives); the file is damaged")
+    try:
+        getattr(np.random, kind)().state = state
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
+        raise ValueError(f"{where} is not a valid {kind} state ({type(exc).__name__}: {exc}); "
+                         f"the file is damaged") from None

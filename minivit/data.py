@@ -16,6 +16,7 @@ b'filenames'}; a row of b'data' is the R plane, then G, then B, each S x S row-m
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
@@ -46,6 +47,17 @@ TEST_FILE = "test_batch"
 META_FILE = "batches.meta"
 
 C, S, K = 3, 32, 10                       # channels, image side, classes
+
+# The most bytes one file of the archive may hold. A batch pickle is 10000 x 3072 pixel bytes
+# plus labels and file names: 31.0 MB in the real archive (30999582 to 31009716 bytes), so 64 MiB
+# leaves twice that; batches.meta is 158 bytes, so 1 MiB is far above it. A member claiming more
+# is refused before it is read: a few MB of gzip can hold GBs of zeros (a decompression bomb).
+# The whole tar unpacks to 186 MB; reading stops at 512 MiB, so that members the loader skips (or
+# padding after the end) cannot make it decompress GBs either. Module constants, so that a test
+# can lower them.
+MAX_BATCH_BYTES = 64 * 2**20
+MAX_META_BYTES = 2**20
+MAX_ARCHIVE_BYTES = 512 * 2**20
 
 # Per-channel mean and standard deviation of the training pixels, in units of pixel / 255, measured
 # over all 50000 x 32 x 32 training pixels of ../shared/data/cifar-10-python.tar.gz with
@@ -127,6 +139,20 @@ def _unpickle(blob: bytes, where: str):
         raise ValueError(f"{where} is not a valid CIFAR-10 pickle: {exc}") from exc
 
 
+def _size_limit(name: str) -> int:
+    return MAX_META_BYTES if name == META_FILE else MAX_BATCH_BYTES
+
+
+def _too_big(where: str, name: str, size: int) -> ValueError:
+    return ValueError(f"{where}: {name} holds {size} bytes, more than the {_size_limit(name)} bytes this CIFAR-10 "
+                      f"file can need; refused without reading it (a corrupt file, or a decompression bomb)")
+
+
+def _too_long(where: str, size: int) -> ValueError:
+    return ValueError(f"{where} unpacks to at least {size} bytes, more than the {MAX_ARCHIVE_BYTES} bytes the "
+                      f"CIFAR-10 archive can need; refused (a corrupt file, or a decompression bomb)")
+
+
 def _read_files(source: Path) -> dict[str, bytes]:
     """The raw bytes of the seven CIFAR-10 files, from the .tar.gz or from the extracted directory."""
     names = (*TRAIN_FILES, TEST_FILE, META_FILE)
@@ -136,27 +162,56 @@ def _read_files(source: Path) -> dict[str, bytes]:
             raise FileNotFoundError(
                 f"{source} is missing {missing}; expected the extracted {DIR_NAME}/ directory with {list(names)}"
             )
+        for name in names:
+            size = (source / name).stat().st_size
+            if size > _size_limit(name):
+                raise _too_big(str(source), name, size)
         return {name: (source / name).read_bytes() for name in names}
 
     wanted = {f"{DIR_NAME}/{name}": name for name in names}   # member path in the archive -> file name
     files = {}
+    trailing = 0                      # bytes that are not zero after the tar's end-of-archive marker
     with open(source, "rb") as raw:   # a missing or unreadable file fails here, as itself
         try:
             # Iterating the archive reads each member as the decompressed stream passes it, so the
             # archive is decompressed once, in memory, and nothing is extracted to disk. Only regular
             # files with the expected names are read; links and anything else are ignored.
-            with tarfile.open(fileobj=raw, mode="r:gz") as tar:
-                for member in tar:
-                    if member.isfile() and member.name in wanted:
-                        files[wanted[member.name]] = tar.extractfile(member).read()
+            with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
+                with tarfile.open(fileobj=gz, mode="r:") as tar:
+                    for member in tar:
+                        name = wanted.get(member.name) if member.isfile() else None
+                        # The header's size, checked before anything is read (or skipped: skipping
+                        # decompresses too); and the read itself is bounded by the limit as well.
+                        if name is not None and member.size > _size_limit(name):
+                            raise _too_big(str(source), name, member.size)
+                        if member.offset_data + member.size > MAX_ARCHIVE_BYTES:
+                            raise _too_long(str(source), member.offset_data + member.size)
+                        if name is not None:
+                            blob = tar.extractfile(member).read(_size_limit(name) + 1)
+                            if len(blob) > _size_limit(name):
+                                raise _too_big(str(source), name, len(blob))
+                            files[name] = blob
+                # The tar reader stops at the end-of-archive marker (or, silently, at a damaged
+                # header), before the end of the gzip stream: only reading to the end makes gzip
+                # check its CRC and length, which is what catches a flipped bit. What follows the
+                # marker is zero padding; anything else means the tar headers stopped early.
+                while chunk := gz.read(1 << 20):
+                    trailing += len(chunk) - chunk.count(0)
+                    if gz.tell() > MAX_ARCHIVE_BYTES:
+                        raise _too_long(str(source), gz.tell())
         except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+            # gzip.BadGzipFile (an OSError) says "CRC check failed" for a changed byte; EOFError is a
+            # file cut short; zlib.error a damaged compressed block.
             raise ValueError(
-                f"cannot read {source} as a gzipped tar archive ({exc}); expected the official {ARCHIVE_NAME}. "
-                f"A truncated file is usually an interrupted download: delete it and download it again"
+                f"cannot read {source} as a gzipped tar archive: it is corrupt or truncated ({exc}); expected "
+                f"the official {ARCHIVE_NAME}. This is usually an interrupted or damaged download: delete it "
+                f"and download it again"
             ) from exc
     missing = [f"{DIR_NAME}/{name}" for name in names if name not in files]
     if missing:
-        raise ValueError(f"{source} has no member {missing}; expected the official {ARCHIVE_NAME} layout")
+        why = (f"; its tar headers stop before the end of its data ({trailing} more non-zero bytes), so the "
+               f"archive is corrupt: delete it and download it again" if trailing else "")
+        raise ValueError(f"{source} has no member {missing}; expected the official {ARCHIVE_NAME} layout{why}")
     return files
 
 
@@ -197,7 +252,21 @@ def _parse_classes(meta, where: str) -> list:
     names = meta.get(b"label_names") if isinstance(meta, dict) else None
     if not isinstance(names, list) or len(names) != K or not all(isinstance(n, bytes) for n in names):
         raise ValueError(f"{where}: expected b'label_names', a list of {K} names, got {_describe(names)}")
-    return [name.decode("ascii") for name in names]
+    # The official names are ASCII; UTF-8 (which ASCII is part of) also serves a home-made copy.
+    try:
+        return [name.decode("utf-8") for name in names]
+    except UnicodeDecodeError:
+        bad = next(n for n in names if not _is_utf8(n))
+        raise ValueError(f"{where}: class name {bad!r} is not UTF-8 text; expected {K} names such as "
+                         f"b'airplane'") from None
+
+
+def _is_utf8(blob: bytes) -> bool:
+    try:
+        blob.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def load_cifar10(path, limit: int | None = None) -> CIFAR10:

@@ -13,10 +13,19 @@ Shape legend: C channels, S image side, K classes.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from . import ops
 from .pretrained import load_pretrained
+
+# The largest image read, in pixels (width x height). Decoding costs 3 to 4 bytes a pixel, and a
+# PNG of a few hundred KB can declare 200 megapixels (a decompression bomb); the model sees at
+# most a few hundred pixels a side anyway. 80 megapixels is more than nearly every camera gives
+# (and below Pillow's own warning level, 89.5); resize a larger photo first. Checked from the
+# image's header, before it is decoded. A module constant, so that a test can lower it.
+MAX_IMAGE_PIXELS = 80_000_000
 
 
 def register(subparsers):
@@ -36,11 +45,23 @@ def read_image(path):
     """Open an image with Pillow and decode it fully, with one clear error if that fails."""
     from PIL import Image, UnidentifiedImageError
     try:
-        with Image.open(path) as img:
-            img.load()          # decode now: a truncated file fails here, not later
-            return img.copy()
+        with warnings.catch_warnings():
+            # Pillow warns above its own pixel limit (Image.MAX_IMAGE_PIXELS) and raises above twice
+            # that; a warning would let a bomb through (it decodes anyway), so it is an error here.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:       # reads the header only
+                width, height = img.size
+                if width * height > MAX_IMAGE_PIXELS:   # caught below, which names the file
+                    raise ValueError(f"it is {width} x {height} = {width * height / 1e6:.1f} megapixels, more than "
+                                     f"the {MAX_IMAGE_PIXELS / 1e6:g} megapixels minivit decodes (a decompression "
+                                     f"bomb, or a very large photo: resize it first)")
+                img.load()          # decode now: a truncated file fails here, not later
+                return img.copy()
     except FileNotFoundError:
         raise FileNotFoundError(f"image not found: {str(path)!r}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ValueError(f"cannot read image {str(path)!r}: refused as too large to decode safely ({exc}); "
+                         f"resize it first") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         # UnidentifiedImageError: not an image Pillow knows; OSError: truncated or a directory;
         # SyntaxError / ValueError: some plugins report broken headers this way.
@@ -78,7 +99,11 @@ def run(args):
     k = min(args.top, cfg.num_classes)
     for path, img in images:
         x = preprocess(img, cfg.img_size, meta["mean"], meta["std"], cfg.in_chans)[None]   # (1, C, S, S)
-        logits = model(x)                                                                # (1, K)
+        with np.errstate(over="ignore", invalid="ignore"):     # checked just below, in one clear line
+            logits = model(x)                                                            # (1, K)
+        if not np.isfinite(logits).all():   # finite weights can still overflow float32
+            raise ValueError(f"the model's outputs (logits) for {path!r} are not finite (NaN or infinity); "
+                             f"the weights {args.weights!r} are unusable")
         probs, _ = ops.softmax_forward(logits.astype(np.float64), axis=-1)               # (1, K)
         print(path)
         for name, p in top_classes(probs[0], k, meta["class_names"]):

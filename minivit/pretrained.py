@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,11 @@ SAVE_FORMATS = ("timm", "hf")
 # x = (x / 255 - 0.5) / 0.5. Used when a checkpoint does not say otherwise.
 DEFAULT_MEAN = 0.5
 DEFAULT_STD = 0.5
+
+# The most tokens (N = 1 + G*G) a model read from a file may have. Beyond it one head's attention
+# scores for a single image (N x N float32) take more than 16 GiB, so no such model could run
+# here; a file asking for more is damaged or hostile. (ViT-H/14 at 518 x 518 has 1370 tokens.)
+MAX_TOKENS = 2**16
 
 
 # ============================================================================= converters
@@ -227,7 +233,7 @@ def load_pretrained(path, num_classes: int | None = None, img_size: int | None =
         raise ValueError(f"heads must be a positive integer, got {heads!r}")
     reader = {"hf": _read_hf, "timm": _read_timm, "npz": _read_npz}[fmt]
     config, state, origin, meta = reader(path, heads)
-    model, meta = _build(config, state, origin, meta, num_classes, img_size, seed)
+    model, meta = _build(config, state, origin, meta, num_classes, img_size, seed, str(path))
     meta["format"] = fmt
     meta["source"] = str(path)
     return model, meta
@@ -299,11 +305,52 @@ def _read_safetensors(path):
 
 
 def _read_json(path, what):
+    """The JSON object ({...}) in a file; ValueError naming the file for anything else."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            value = json.load(f)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{what} {str(path)!r} is not valid JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} {str(path)!r} is not UTF-8 text, so not JSON (a binary file?): {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} {str(path)!r} must hold a JSON object ({{\"key\": value, ...}}), "
+                         f"got a JSON {_json_type(value)}")
+    return value
+
+
+def _json_type(value):
+    return {list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _dig(d, *keys):
+    """d[k1][k2]... where every step is a dict that has the key; None otherwise."""
+    for key in keys:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def _block_indices(names, prefix):
+    """The block numbers i of names that start with prefix + "{i}.", e.g. blocks.3.norm1.weight -> 3."""
+    found = set()
+    for name in names:
+        if name.startswith(prefix):
+            head = name[len(prefix):].split(".", 1)[0].split("/", 1)[0]
+            if head.isdigit():
+                found.add(int(head))
+    return found
+
+
+def _check_depth(depth, blocks, what, where):
+    """A depth the file's config states must be the number of blocks its weights hold, checked before
+    anything loops over `depth` (a config.json saying 10**7 layers would otherwise cost minutes)."""
+    if depth != len(blocks):
+        held = f"blocks {min(blocks)}..{max(blocks)}" if blocks else "no blocks"
+        raise ValueError(f"{where}: {what}={depth}, but the weights hold {len(blocks)} block(s) ({held}); "
+                         f"the config and the weights do not belong together")
 
 
 def _read_hf(path, heads):
@@ -332,26 +379,31 @@ def _read_hf(path, heads):
     naming = "transformers5" if any(k.startswith("layers.") for k in tensors) else "published"
 
     act = hf["hidden_act"]
-    if act not in HF_GELU:
+    if not isinstance(act, str) or act not in HF_GELU:
         raise ValueError(f"{str(config_path)!r}: hidden_act={act!r} is not supported; "
                          f"minivit has GELU in two forms, from {sorted(HF_GELU)}")
     if heads is not None and heads != hf["num_attention_heads"]:
         raise ValueError(f"heads={heads} disagrees with num_attention_heads={hf['num_attention_heads']} "
                          f"in {str(config_path)!r}")
     head_w = tensors.get("classifier.weight")
-    config = ViTConfig(
-        img_size=_square(hf["image_size"], "image_size", config_path),
-        patch_size=_square(hf["patch_size"], "patch_size", config_path),
-        in_chans=hf["num_channels"],
-        num_classes=int(head_w.shape[0]) if head_w is not None and head_w.ndim == 2 else 0,
-        dim=hf["hidden_size"],
-        depth=hf["num_hidden_layers"],
-        heads=hf["num_attention_heads"],
-        mlp_dim=_mlp_dim(hf["intermediate_size"], hf["hidden_size"]),
-        qkv_bias=bool(hf["qkv_bias"]),
-        gelu=HF_GELU[act],
-        ln_eps=float(hf["layer_norm_eps"]),
-    )
+    try:
+        config = ViTConfig(
+            img_size=_square(hf["image_size"], "image_size", config_path),
+            patch_size=_square(hf["patch_size"], "patch_size", config_path),
+            in_chans=hf["num_channels"],
+            num_classes=int(head_w.shape[0]) if head_w is not None and head_w.ndim == 2 else 0,
+            dim=hf["hidden_size"],
+            depth=hf["num_hidden_layers"],
+            heads=hf["num_attention_heads"],
+            mlp_dim=_mlp_dim(hf["intermediate_size"], hf["hidden_size"]),
+            qkv_bias=bool(hf["qkv_bias"]),
+            gelu=HF_GELU[act],
+            ln_eps=float(hf["layer_norm_eps"]),
+        )
+    except (ValueError, TypeError, OverflowError) as exc:   # e.g. "hidden_size": "big", or 1e999 (inf)
+        raise ValueError(f"{str(config_path)!r} does not describe a ViT minivit can build: {exc}") from None
+    _check_depth(config.depth, _block_indices(tensors, HF_BLOCK_PREFIX[naming].split("{")[0]),
+                 "num_hidden_layers", f"{str(config_path)!r} with {str(weights)!r}")
 
     rows = [(name, (hf_name,), _same) for name, hf_name in HF_TOP]
     if config.num_classes:
@@ -368,6 +420,9 @@ def _read_hf(path, heads):
 
     # Class names and the pixel normalisation the checkpoint was trained with.
     id2label = hf.get("id2label") or {}
+    if not isinstance(id2label, dict):
+        raise ValueError(f"{str(config_path)!r}: id2label must be a JSON object from class index to name "
+                         f"({{\"0\": \"tench\", \"1\": \"goldfish\", ...}}), got a JSON {_json_type(id2label)}")
     names = None
     if config.num_classes and len(id2label) == config.num_classes:
         names = [str(id2label.get(str(i), f"class {i}")) for i in range(config.num_classes)]
@@ -391,7 +446,10 @@ def _read_timm(path, heads):
     fields = _timm_shapes(tensors, where)
     beside = path.parent / "config.json"
     side = _read_json(beside, "config") if beside.is_file() else {}
-    side_heads = _timm_heads_from_config(side)
+    try:
+        side_heads = _timm_heads_from_config(side)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ValueError(f"config {str(beside)!r}: the number of heads is not an integer ({exc})") from None
     if side_heads is not None:
         fields["heads"] = side_heads
     if "minivit_config" in metadata:
@@ -412,15 +470,19 @@ def _read_timm(path, heads):
             f"for any H). Pass heads=... to load_pretrained, or put it in the file's metadata "
             f"(minivit_config) or in a config.json beside the file"
         )
-    config = ViTConfig().replace(**fields)
+    try:
+        config = ViTConfig().replace(**fields)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ValueError(f"{where}: its recorded config does not describe a ViT minivit can build: {exc}") from None
+    _check_depth(config.depth, _block_indices(tensors, "blocks."), "depth", where)
     # minivit's names are timm's: one identity row per parameter of the model this config builds.
     state, origin = _apply_table(tensors, _timm_rows(config), where)
 
-    mean = _json_meta(metadata, "mean", where) or side.get("pretrained_cfg", {}).get("mean") or DEFAULT_MEAN
-    std = _json_meta(metadata, "std", where) or side.get("pretrained_cfg", {}).get("std") or DEFAULT_STD
-    names = _json_meta(metadata, "class_names", where) or side.get("label_names") \
-        or side.get("pretrained_cfg", {}).get("label_names")
-    if names is not None and len(names) != config.num_classes:
+    mean = _json_meta(metadata, "mean", where) or _dig(side, "pretrained_cfg", "mean") or DEFAULT_MEAN
+    std = _json_meta(metadata, "std", where) or _dig(side, "pretrained_cfg", "std") or DEFAULT_STD
+    names = _json_meta(metadata, "class_names", where) or _dig(side, "label_names") \
+        or _dig(side, "pretrained_cfg", "label_names")
+    if not isinstance(names, list) or len(names) != config.num_classes:
         names = None
     notes = _json_meta(metadata, "minivit_notes", where)
     meta = {"class_names": None if names is None else [str(n) for n in names], "mean": mean, "std": std,
@@ -429,22 +491,73 @@ def _read_timm(path, heads):
 
 
 def _timm_rows(config):
-    """The identity table: every parameter name of ViT(config), in model order (listed here
-    rather than read from a ViT built for the purpose, which would initialise 86M numbers
-    for ViT-B only to throw them away; a test checks the two lists agree)."""
-    names = ["cls_token"]
+    """The identity table: every parameter name of ViT(config), in model order."""
+    return [(n, (n,), _same) for n in parameter_shapes(config)]
+
+
+def parameter_shapes(config: ViTConfig) -> dict:
+    """{name: shape} of every parameter of ViT(config), in model order, from the config alone.
+
+    Listed here rather than read from a ViT built for the purpose, which would allocate (and
+    initialise) every weight: a file's config is checked against its tensors with this before
+    anything is built. A test checks it against ViT(config).named_parameters(). Loops over
+    config.depth: check the depth against the blocks a file holds first.
+    """
+    C, P, N, D, F, K = config.in_chans, config.patch_size, config.num_tokens, config.dim, config.hidden_dim, \
+        config.num_classes
+    shapes = {"cls_token": (1, 1, D)}
     if config.pos_embed == "learned":
-        names.append("pos_embed")
-    names += ["patch_embed.proj.weight", "patch_embed.proj.bias"]
+        shapes["pos_embed"] = (1, N, D)
+    shapes.update({"patch_embed.proj.weight": (D, C, P, P), "patch_embed.proj.bias": (D,)})
+    block = {"norm1.weight": (D,), "norm1.bias": (D,), "attn.qkv.weight": (3 * D, D)}
+    if config.qkv_bias:
+        block["attn.qkv.bias"] = (3 * D,)
+    block.update({"attn.proj.weight": (D, D), "attn.proj.bias": (D,), "norm2.weight": (D,), "norm2.bias": (D,),
+                  "mlp.fc1.weight": (F, D), "mlp.fc1.bias": (F,), "mlp.fc2.weight": (D, F), "mlp.fc2.bias": (D,)})
     for i in range(config.depth):
-        block = ["norm1.weight", "norm1.bias", "attn.qkv.weight"] + (["attn.qkv.bias"] if config.qkv_bias else [])
-        block += ["attn.proj.weight", "attn.proj.bias", "norm2.weight", "norm2.bias",
-                  "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]
-        names += [f"blocks.{i}.{n}" for n in block]
-    names += ["norm.weight", "norm.bias"]
-    if config.num_classes:
-        names += ["head.weight", "head.bias"]
-    return [(n, (n,), _same) for n in names]
+        shapes.update({f"blocks.{i}.{n}": shape for n, shape in block.items()})
+    shapes.update({"norm.weight": (D,), "norm.bias": (D,)})
+    if K:
+        shapes.update({"head.weight": (K, D), "head.bias": (K,)})
+    return shapes
+
+
+def check_parameter_shapes(config: ViTConfig, shapes: dict, where: str, spell=repr) -> dict:
+    """ValueError unless `shapes` ({parameter name: shape}) are exactly the parameters of ViT(config).
+
+    Checks names and shapes only, so it runs before any weight is read or any model is built: a
+    file is never trusted to size an allocation its own tensors do not back (a 24 KB file whose
+    config says D=2048 would otherwise cost GBs before "missing keys"; a zero-size tensor such as
+    a (1, 9000001, 0) pos_embed holds no data but would size the model). Also refuses a config
+    with more than MAX_TOKENS tokens. spell(name) names a parameter as the file does.
+    Returns parameter_shapes(config).
+    """
+    _check_depth(config.depth, _block_indices(shapes, "blocks."), "depth", where)
+    expected = parameter_shapes(config)
+    missing = [n for n in expected if n not in shapes]
+    unexpected = [n for n in shapes if n not in expected]
+    if missing or unexpected:
+        raise ValueError(f"{where}: the weights do not match the config: missing "
+                         f"{[spell(n) for n in missing[:6]]}{' ...' * (len(missing) > 6)}, unexpected "
+                         f"{[spell(n) for n in unexpected[:6]]}{' ...' * (len(unexpected) > 6)}")
+    for name, shape in expected.items():
+        if tuple(shapes[name]) != shape:
+            raise ValueError(
+                f"{where}: {spell(name)} has shape {tuple(shapes[name])}, but the config (dim={config.dim}, "
+                f"heads={config.heads}, depth={config.depth}, mlp={config.hidden_dim}, img_size={config.img_size}, "
+                f"patch_size={config.patch_size}, classes={config.num_classes}) needs {shape}")
+    check_tokens(config, where)
+    return expected
+
+
+def check_tokens(config: ViTConfig, where: str):
+    """ValueError when the config has more than MAX_TOKENS tokens (img_size is not backed by any
+    tensor when the position embedding is fixed or absent)."""
+    if config.num_tokens > MAX_TOKENS:
+        raise ValueError(f"{where}: img_size={config.img_size} with patch_size={config.patch_size} gives "
+                         f"{config.num_tokens} tokens, more than the {MAX_TOKENS} any model here can run "
+                         f"(one head's attention scores for one image would take "
+                         f"{4 * config.num_tokens ** 2 / 2**30:.0f} GiB)")
 
 
 def _timm_shapes(tensors, where):
@@ -470,7 +583,7 @@ def _timm_shapes(tensors, where):
 
 def _timm_heads_from_config(side):
     """Heads from a timm hub config.json: model_args.num_heads, num_heads, or the architecture name."""
-    for value in (side.get("model_args", {}).get("num_heads"), side.get("num_heads"), side.get("heads")):
+    for value in (_dig(side, "model_args", "num_heads"), side.get("num_heads"), side.get("heads")):
         if value is not None:
             return int(value)
     arch = str(side.get("architecture", ""))
@@ -483,16 +596,18 @@ def _timm_heads_from_config(side):
 def _read_npz(path, heads):
     """The paper's release: Flax parameter names, '/'-separated, in an .npz archive."""
     where = f"npz checkpoint {str(path)!r}"
+    # An .npz is compressed: a 1 MB file can hold a 1 GiB array of zeros. So the config is read
+    # from the arrays' .npy headers first, checked, and only then are the arrays it needs read.
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            tensors = {k: archive[k] for k in archive.files}
-    except ValueError as exc:   # e.g. "Object arrays cannot be loaded when allow_pickle=False"
-        raise ValueError(f"cannot read {where}: {exc} (only plain numeric arrays are accepted)") from None
-    except Exception as exc:   # a broken zip archive raises BadZipFile, OSError, EOFError, ...
-        raise ValueError(f"cannot read {where} as an .npz archive: {exc}") from None
-    # Checkpoints saved from a training state nest everything under opt/target/.
-    if any(k.startswith("opt/target/") for k in tensors):
-        tensors = {k[len("opt/target/"):]: v for k, v in tensors.items() if k.startswith("opt/target/")}
+        headers = read_npz_headers(path)
+    except ValueError as exc:
+        raise ValueError(f"cannot read {where}: {exc}") from None
+    # Checkpoints saved from a training state nest everything under opt/target/ (the optimiser's
+    # state beside it is never read).
+    stored = {k: k for k in headers}                     # our name -> the file's entry name
+    if any(k.startswith("opt/target/") for k in headers):
+        stored = {k[len("opt/target/"):]: k for k in headers if k.startswith("opt/target/")}
+    tensors = {k: headers[v] for k, v in stored.items()}   # headers now, arrays further down
     if any(k.startswith("pre_logits/") for k in tensors):
         raise ValueError(
             f"{where} has a 'pre_logits' layer (a dense + tanh before the head, used in ImageNet-21k "
@@ -514,23 +629,42 @@ def _read_npz(path, heads):
         raise ValueError(f"heads={heads} disagrees with the {q.shape[1]} heads of {where}")
     mlp = _need(tensors, first + "MlpBlock_3/Dense_0/kernel", 2, where)    # (D, F)
     head = tensors.get("head/kernel")
-    config = ViTConfig(
-        img_size=G * P, patch_size=int(P), in_chans=int(C), dim=int(D), depth=depth, heads=int(q.shape[1]),
-        mlp_dim=_mlp_dim(int(mlp.shape[1]), D),
-        num_classes=int(head.shape[1]) if head is not None and head.ndim == 2 else 0,
-        qkv_bias=True,
-        # The release was trained with Flax's nn.gelu, whose default is the tanh approximation
-        # (jax.nn.gelu(approximate=True)). timm and transformers run the same weights with exact
-        # GELU; the two differ by less than 1e-3 per activation.
-        gelu="tanh",
-        ln_eps=1e-6,          # Flax's LayerNorm default
-    )
+    try:
+        config = ViTConfig(
+            img_size=G * P, patch_size=int(P), in_chans=int(C), dim=int(D), depth=depth, heads=int(q.shape[1]),
+            mlp_dim=_mlp_dim(int(mlp.shape[1]), D),
+            num_classes=int(head.shape[1]) if head is not None and head.ndim == 2 else 0,
+            qkv_bias=True,
+            # The release was trained with Flax's nn.gelu, whose default is the tanh approximation
+            # (jax.nn.gelu(approximate=True)). timm and transformers run the same weights with exact
+            # GELU; the two differ by less than 1e-3 per activation.
+            gelu="tanh",
+            ln_eps=1e-6,          # Flax's LayerNorm default
+        )
+    except ValueError as exc:     # e.g. a zero-size kernel gives dim=0
+        raise ValueError(f"{where}: its array shapes do not describe a ViT minivit can build: {exc}") from None
     rows = [(name, names, conv) for name, names, conv in NPZ_TOP]
     if config.num_classes:
         rows += [(name, names, conv) for name, names, conv in NPZ_HEAD]
     for i in range(depth):
         prefix = NPZ_BLOCK_PREFIX.format(i=i)
         rows += [(f"blocks.{i}.{name}", tuple(prefix + n for n in names), conv) for name, names, conv in NPZ_BLOCK]
+    # Before reading: every key used, none left over, and each row holding exactly as many numbers
+    # as the parameter it becomes (the converters only transpose, reshape and concatenate).
+    _check_table(tensors, rows, where)
+    expected = parameter_shapes(config)
+    for name, sources, _ in rows:
+        held = sum(tensors[s].size for s in sources)
+        if held != math.prod(expected[name]):
+            shapes = ", ".join(f"{s!r} {tensors[s].shape}" for s in sources)
+            raise ValueError(f"{where}: {shapes} hold {held} numbers, but minivit's {name!r} needs "
+                             f"{expected[name]} ({math.prod(expected[name])} numbers) for the config "
+                             f"read from the file (dim={config.dim}, depth={config.depth}, heads={config.heads})")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            tensors = {k: archive[stored[k]] for k in tensors}
+    except Exception as exc:   # a damaged member: BadZipFile (CRC), EOFError, ValueError (short data) ...
+        raise ValueError(f"cannot read {where} as an .npz archive: {exc}") from None
     state, origin = _apply_table(tensors, rows, where)
     meta = {"class_names": None, "mean": DEFAULT_MEAN, "std": DEFAULT_STD, "ignored_keys": []}
     return config, state, origin, meta
@@ -546,29 +680,76 @@ def _apply_table(tensors, rows, where, rename=lambda k: k):
     be used by some row; leftovers are an error rather than silently dropped weights.
     rename turns a key back into the spelling the file uses, for messages.
     """
-    state, origin, used = {}, {}, set()
+    _check_table(tensors, rows, where, rename)
+    state, origin = {}, {}
     for name, sources, convert in rows:
-        for s in sources:
-            if s not in tensors:
-                raise KeyError(f"{where}: missing key {rename(s)!r} (needed for minivit's {name!r})")
         arrays = [tensors[s] for s in sources]
-        label = " + ".join(repr(rename(s)) for s in sources)
-        for s, a in zip(sources, arrays):
-            if a.dtype.kind not in "fiu":
-                raise TypeError(f"{where}: {rename(s)!r} has non-numeric dtype {a.dtype}")
         try:
             state[name] = np.ascontiguousarray(convert(*arrays))
         except ValueError as exc:
             shapes = ", ".join(f"{rename(s)!r} {tuple(a.shape)}" for s, a in zip(sources, arrays))
             raise ValueError(f"{where}: cannot convert {shapes} into minivit's {name!r}: {exc}") from None
-        origin[name] = label
+        origin[name] = " + ".join(repr(rename(s)) for s in sources)
+    return state, origin
+
+
+def _check_table(tensors, rows, where, rename=lambda k: k):
+    """KeyError / TypeError unless the rows use every key of `tensors` (arrays, or _NpyHeaders
+    before the arrays are read), each of which exists and is numeric."""
+    used = set()
+    for name, sources, _ in rows:
+        for s in sources:
+            if s not in tensors:
+                raise KeyError(f"{where}: missing key {rename(s)!r} (needed for minivit's {name!r})")
+            if tensors[s].dtype.kind not in "fiu":
+                raise TypeError(f"{where}: {rename(s)!r} has non-numeric dtype {tensors[s].dtype}")
         used.update(sources)
     unexpected = sorted(set(tensors) - used)
     if unexpected:
         shown = [rename(k) for k in unexpected[:6]] + (["..."] if len(unexpected) > 6 else [])
         raise KeyError(f"{where}: unexpected key(s) {shown}: minivit's ViT has no matching parameter "
                        f"(a different architecture, or a layer minivit does not implement)")
-    return state, origin
+
+
+class _NpyHeader:
+    """What the .npy header of an array says (shape and dtype): enough to check the array before
+    reading it. Has the attributes the config code reads from arrays."""
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+
+    ndim = property(lambda self: len(self.shape))
+    size = property(lambda self: math.prod(self.shape))
+    nbytes = property(lambda self: self.size * self.dtype.itemsize)
+
+
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def read_npz_headers(path) -> dict:
+    """{entry name: _NpyHeader} for every array of an .npz, read from the .npy headers alone:
+    nothing is decompressed beyond the first few hundred bytes of each member, so a compressed
+    bomb costs nothing here. Names as np.load gives them (without ".npy"). ValueError for a
+    file that is not an .npz of plain numeric arrays; the message says what is wrong."""
+    headers = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                with archive.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    if version not in _NPY_HEADER_READERS:
+                        raise ValueError(f"entry {key!r} is a version {version} .npy array; expected 1.0 or 2.0")
+                    shape, _, dtype = _NPY_HEADER_READERS[version](f)
+                if dtype.hasobject:
+                    raise ValueError(f"entry {key!r} holds Python objects (dtype {dtype}), which only unpickling "
+                                     f"could rebuild; minivit never unpickles (allow_pickle=False)")
+                headers[key] = _NpyHeader(shape, dtype)
+    except ValueError:
+        raise
+    except Exception as exc:   # BadZipFile, EOFError, OSError, zlib.error, ... for a damaged archive
+        raise ValueError(f"not a readable .npz archive ({type(exc).__name__}: {exc})") from None
+    return headers
 
 
 def _need(tensors, key, ndim, where):
@@ -620,8 +801,26 @@ def _channel_stats(value, channels, name):
     return tuple(values)
 
 
-def _build(config, state, origin, meta, num_classes, img_size, seed):
-    """A ViT for `config` (with a new head / image size if asked), filled from `state`."""
+def _build(config, state, origin, meta, num_classes, img_size, seed, source):
+    """A ViT for `config` (with a new head / image size if asked), filled from `state`.
+
+    Everything about the file is checked before the model is built: its tensors must be exactly
+    the parameters its config describes (so the file's own data backs every allocation) and hold
+    finite numbers only (NaN weights would give NaN for every prediction)."""
+    def spell(name):       # the file's key(s), and minivit's name where it differs
+        return origin[name] if origin[name] == repr(name) else f"{origin[name]} (minivit's {name!r})"
+
+    check_parameter_shapes(config, {name: value.shape for name, value in state.items()}, repr(source), spell)
+    for name, value in state.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            bad = int(value.size - np.isfinite(value).sum())
+            raise ValueError(f"{source!r}: {spell(name)} holds {bad} non-finite value(s) (NaN or infinity) of "
+                             f"{value.size}; refused, as NaN weights make every prediction NaN")
+    try:
+        mean = _channel_stats(meta["mean"], config.in_chans, "mean")
+        std = _channel_stats(meta["std"], config.in_chans, "std")
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{source!r}: the normalisation it records is not usable: {exc}") from None
     overrides = {}
     if num_classes is not None and num_classes != config.num_classes:
         overrides["num_classes"] = num_classes
@@ -640,29 +839,19 @@ def _build(config, state, origin, meta, num_classes, img_size, seed):
         state["pos_embed"] = resample_pos_embed(state["pos_embed"], target.grid_size)
         origin["pos_embed"] += f" (resampled from {config.grid_size}x{config.grid_size} to " \
                                f"{target.grid_size}x{target.grid_size})"
-    for name, value in state.items():
-        if name not in params:
-            raise KeyError(f"{origin[name]} maps to {name!r}, which the model built from the config has not")
-        if tuple(value.shape) != tuple(params[name].shape):
-            raise ValueError(
-                f"{origin[name]} gives minivit's {name!r} shape {tuple(value.shape)}, but the config "
-                f"(dim={config.dim}, heads={config.heads}, depth={config.depth}, mlp={config.hidden_dim}, "
-                f"classes={config.num_classes}) needs {tuple(params[name].shape)}"
-            )
-    model.load_state_dict(state, strict=False)
+    model.load_state_dict(state, strict=False)    # names and shapes were checked above
     missing = [n for n in params if n not in state and not n.startswith("head.")]
     if missing:   # cannot happen for a table built from the config; kept as a guard
         raise KeyError(f"checkpoint gives no value for {missing}")
 
     meta = dict(meta)
-    channels = target.in_chans
     meta.update(
         config=target,
         checkpoint_num_classes=config.num_classes,
         checkpoint_img_size=config.img_size,
         head="new, zero-initialised" if "num_classes" in overrides else "checkpoint",
-        mean=_channel_stats(meta["mean"], channels, "mean"),
-        std=_channel_stats(meta["std"], channels, "std"),
+        mean=mean,
+        std=std,
     )
     if "num_classes" in overrides:
         meta["class_names"] = None
@@ -843,6 +1032,11 @@ def _atomic(path, write):
         # open() would have given it under this process's umask.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)      # atomic on POSIX and Windows: readers see the old or the new file
+    except OSError as exc:
+        # A full disk says "[Errno 28] No space left on device" without naming the file.
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

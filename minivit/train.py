@@ -17,7 +17,9 @@ One training step, as the loop in `train` writes it out:
 The output directory (--out) holds:
 
     checkpoint.npz   the last saved state: weights, AdamW state, both random generators, the
-                     settings and the metrics so far. --resume continues from it.
+                     settings, a fingerprint of the data and the metrics so far. --resume continues
+                     from it, on the same data only (--allow-other-data overrides that on purpose),
+                     and first rewrites the three files below from it if a kill left them behind.
     best.npz         the weights with the best test accuracy so far (no optimiser state)
     metrics.csv      one row per epoch
     curves.png       loss and accuracy against epoch
@@ -33,10 +35,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import math
 import numbers
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -157,17 +161,20 @@ class TrainResult:
 
 def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = False,
           init_state: dict | None = None, mean=CIFAR10_MEAN, std=CIFAR10_STD,
-          device: str = "cpu", log_every: int = 100, run_info: dict | None = None) -> TrainResult:
+          device: str = "cpu", log_every: int = 100, run_info: dict | None = None,
+          allow_other_data: bool = False) -> TrainResult:
     """Train a ViT(config) on `data` with `recipe`, writing checkpoints and metrics to out_dir.
 
     data        anything with uint8 train_images / test_images (n, C, S, S) and integer
                 train_labels / test_labels (n,), like minivit.data.CIFAR10
-    resume      continue the run saved in out_dir/checkpoint.npz (config and recipe must match it);
-                without it, out_dir must not exist or be empty
+    resume      continue the run saved in out_dir/checkpoint.npz (config, recipe and data must
+                match it); without it, out_dir must not exist or be empty
     init_state  starting weights ({name: array}, e.g. pretrained ones) instead of a random init
     mean, std   per-channel normalisation of pixels in [0, 1]
     log_every   print a `step | loss | acc | img/s` line every this many steps (0: never)
     run_info    JSON-able notes kept in the checkpoint (preset name, overrides, --init path)
+    allow_other_data  resume even though the data's fingerprint differs from the one the run
+                started with (same numbers of images, other content), on purpose
     """
     out_dir = Path(out_dir)
     checkpoint_path, best_path = out_dir / CHECKPOINT, out_dir / BEST
@@ -184,8 +191,19 @@ def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = Fa
     total_steps = recipe.epochs * steps_per_epoch
     warmup_steps = round(recipe.warmup * steps_per_epoch)
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    fingerprint = data_fingerprint(train_images, train_labels, test_images, test_labels)
 
     # ---- the model, the optimiser and the two random generators
+    notes = []                                   # printed under the settings
+    if resume:
+        _clean_for_resume(out_dir)
+        state, optim_state, meta = load_checkpoint(checkpoint_path)
+        # Read and checked before ViT(config) allocates anything (load_checkpoint compares the
+        # file's names and shapes with its config first): a small file must not make a big model.
+        notes = _check_resume(meta, config, recipe, n_train, n_test, fingerprint, mean, std, checkpoint_path,
+                              allow_other_data)
+    else:
+        _check_new_out_dir(out_dir)
     model = ViT(config, seed=recipe.seed)        # its Generator draws the initial weights, then dropout masks
     if init_state is not None:
         model.load_state_dict(init_state)
@@ -194,16 +212,12 @@ def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = Fa
     data_rng = np.random.default_rng([recipe.seed, 1])
     history, start_epoch, progress = [], 0, None
     if resume:
-        state, optim_state, meta = load_checkpoint(checkpoint_path)
-        _check_resume(meta, config, recipe, n_train, n_test, mean, std, checkpoint_path)
         model.load_state_dict(state)
         model_rng = np.random.default_rng()
         model_rng.bit_generator.state = meta["rng"]["model"]
         model.seed(model_rng)                    # every block draws from this one Generator
         data_rng.bit_generator.state = meta["rng"]["data"]
         start_epoch, history, progress = meta["epoch"], meta["metrics"], meta["progress"]
-    else:
-        _check_new_out_dir(out_dir)
     model.to(device)
     optimizer = AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, weight_decay=recipe.weight_decay)
     if resume:
@@ -215,7 +229,7 @@ def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = Fa
         """Everything needed to continue (or to evaluate) the run, in one file."""
         rng_state = {"data": data_rng.bit_generator.state, "model": model.rng.bit_generator.state}
         extra = {"recipe": recipe.to_dict(), "metrics": history, "progress": progress,
-                 "data": {"train_images": n_train, "test_images": n_test},
+                 "data": {"train_images": n_train, "test_images": n_test, "fingerprint": fingerprint},
                  "normalize": {"mean": mean, "std": std}, "run": run_info or {},
                  "minivit_version": __version__}
         save_checkpoint(path, model, optimizer if with_optimizer else None, epoch, rng_state, extra)
@@ -233,6 +247,13 @@ def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = Fa
     print(f"  data    {n_train} training and {n_test} test images of {'x'.join(map(str, train_images.shape[1:]))}; "
           f"{steps_per_epoch} steps per epoch, {total_steps} steps, {warmup_steps} of warmup")
     print(f"  out     {out_dir}")
+    for note in notes:
+        print(f"note: {note}")
+    if resume:
+        # The checkpoint is the record of the run; what is derived from it may lag behind when
+        # a save was killed between the files, so it is made right before anything else.
+        _repair_outputs(out_dir, history, start_epoch, progress, recipe.label_smoothing,
+                        lambda: save(best_path, start_epoch, with_optimizer=False))
     if start_epoch >= recipe.epochs:
         print(f"the run is already complete ({start_epoch}/{recipe.epochs} epochs); nothing to do")
         return TrainResult("already finished", start_epoch, history, out_dir)
@@ -278,14 +299,15 @@ def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = Fa
                     loss, loss_cache = cross_entropy_forward(logits, y, recipe.label_smoothing)
                     loss = float(loss)
                     if not math.isfinite(loss):
-                        raise NonFiniteLossError(_diverged("loss", loss, epoch, step, lr, saved))
+                        raise NonFiniteLossError(_diverged("loss", loss, epoch, step, lr, saved, recipe))
                     model.zero_grad()
                     model.backward(cross_entropy_backward(loss_cache))             # fills every p.grad
                     if recipe.clip_grad > 0:
                         # Scales all gradients together when their global norm is above clip_grad.
                         grad_norm = clip_grad_norm(params, recipe.clip_grad)
                         if not math.isfinite(grad_norm):
-                            raise NonFiniteLossError(_diverged("gradient norm", grad_norm, epoch, step, lr, saved))
+                            raise NonFiniteLossError(_diverged("gradient norm", grad_norm, epoch, step, lr, saved,
+                                                                  recipe))
                     optimizer.step()
 
                     train_seconds += time.perf_counter() - step_start
@@ -415,11 +437,26 @@ def format_confusion(counts, classes):
     return "\n".join(lines)
 
 
-def _diverged(what, value, epoch, step, lr, saved):
+def _diverged(what, value, epoch, step, lr, saved, recipe):
     return (f"the {what} is {value} at epoch {epoch + 1}, step {step + 1} (lr {lr:.3g}): training diverged "
             f"and was stopped. "
             + (f"The last good checkpoint is {saved}. " if saved else "No checkpoint was written yet. ")
-            + "Try a lower --lr, a longer --warmup or --clip-grad 1.")
+            + _divergence_hint(recipe))
+
+
+def _divergence_hint(recipe):
+    """What to try next, given the settings that diverged: no advice to set what is already set."""
+    tries = [f"a lower --lr (it was {recipe.lr:g})"]
+    if recipe.warmup < recipe.epochs:            # --warmup may not be longer than --epochs
+        tries.append(f"a longer --warmup (it was {recipe.warmup:g} epochs)")
+    if recipe.clip_grad == 0:
+        tries.append("--clip-grad 1 (clipping was off)")
+    elif recipe.clip_grad > 1:
+        tries.append(f"--clip-grad 1 (it was {recipe.clip_grad:g})")
+    hint = "Try " + (tries[0] if len(tries) == 1 else ", ".join(tries[:-1]) + " or " + tries[-1]) + "."
+    if 0 < recipe.clip_grad <= 1:
+        hint += f" (Gradients were already clipped to a norm of {recipe.clip_grad:g}.)"
+    return hint
 
 
 def _print_resume_hint(out_dir):
@@ -485,6 +522,7 @@ def _check_new_out_dir(out_dir: Path):
     """Never write a new run over an old one."""
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} is a file, not a directory")
+    _remove_stale_temp_files(out_dir)            # a killed first save leaves only its hidden temp file
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if (out_dir / CHECKPOINT).exists():
             raise ValueError(f"{out_dir} already holds a run ({CHECKPOINT}); continue it with "
@@ -493,9 +531,63 @@ def _check_new_out_dir(out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _check_resume(meta, config, recipe, n_train, n_test, mean, std, path):
-    """A resumed run must continue with exactly what it was started with."""
-    problems = []
+# save_checkpoint and _write_atomically write each file to a hidden temporary file beside it,
+# named by tempfile.mkstemp: "." + the file's name + "." + 8 random characters + ".tmp", then
+# rename it over the file. A save killed before the rename leaves that temporary file behind.
+_STALE_TEMP = re.compile(r"\.(?:%s)\.[a-z0-9_]{8}\.tmp"
+                         % "|".join(map(re.escape, (CHECKPOINT, BEST, METRICS, CURVES))))
+
+
+def _remove_stale_temp_files(out_dir: Path) -> list[str]:
+    """Remove the temporary files that killed saves left in out_dir, and return their names.
+
+    Only names of this module's own pattern go (e.g. .checkpoint.npz.k3x9_a0q.tmp); anything else
+    is left alone. A temporary file can only be stale here: one run writes to an out_dir at a time."""
+    if not out_dir.is_dir():
+        return []
+    removed = []
+    for entry in sorted(out_dir.iterdir()):
+        if _STALE_TEMP.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+    if removed:
+        print(f"removed {len(removed)} unfinished temporary file{'s' * (len(removed) != 1)} of an interrupted "
+              f"save from {out_dir}: {', '.join(removed)}")
+    return removed
+
+
+def _clean_for_resume(out_dir: Path):
+    """Before resuming: remove stale temporary files, and explain a run whose first save never finished."""
+    removed = _remove_stale_temp_files(out_dir)
+    if not (out_dir / CHECKPOINT).exists() and any(name.startswith(f".{CHECKPOINT}.") for name in removed):
+        raise ValueError(f"nothing to resume in {out_dir}: the run was stopped during its first save of "
+                         f"{CHECKPOINT}, so no checkpoint was completed (the unfinished temporary file is now "
+                         f"removed); start the run again with --out {out_dir} and without --resume")
+
+
+def data_fingerprint(train_images, train_labels, test_images, test_labels) -> str:
+    """A short hash that tells one data set from another (16 hex digits), cheap even for all of
+    CIFAR-10 (tens of milliseconds: nothing is copied but a sample).
+
+    It covers every label, 64 fixed pixel positions of every image, and every pixel of up to 64
+    images spread over each split: another data set of the same size, the same one shuffled, or
+    one with other labels all change it. (A change confined to unsampled pixels does not.)"""
+    h = hashlib.sha256()
+    for images, labels in ((train_images, train_labels), (test_images, test_labels)):
+        n = len(images)
+        flat = images.reshape(n, -1)                                             # (n, C*S*S), a view
+        h.update(repr((tuple(images.shape), str(images.dtype))).encode())
+        h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+        columns = np.unique(np.linspace(0, flat.shape[1] - 1, 64).astype(np.int64))
+        rows = np.unique(np.linspace(0, n - 1, min(n, 64)).astype(np.int64))
+        h.update(flat.take(columns, axis=1).tobytes())                           # (n, 64); faster than flat[:, cols]
+        h.update(np.ascontiguousarray(flat[rows]).tobytes())                     # (64, C*S*S)
+    return h.hexdigest()[:16]
+
+
+def _check_resume(meta, config, recipe, n_train, n_test, fingerprint, mean, std, path, allow_other_data=False):
+    """A resumed run must continue with exactly what it was started with. Returns notes to print."""
+    problems, notes = [], []
     if "progress" not in meta or "rng" not in meta or meta.get("optimizer") is None:
         raise ValueError(f"{path} is not a training checkpoint that can be resumed (best.npz holds weights only)")
     saved = ViTConfig.from_dict(meta["config"]).to_dict()   # a run saved before a new option gets its default
@@ -506,12 +598,57 @@ def _check_resume(meta, config, recipe, n_train, n_test, mean, std, path):
         diff = {k: (v, recipe.to_dict().get(k)) for k, v in meta.get("recipe", {}).items()
                 if recipe.to_dict().get(k) != v}
         problems.append(f"recipe differs (saved vs given: {diff})")
-    if meta.get("data") != {"train_images": n_train, "test_images": n_test}:
-        problems.append(f"data differs (saved {meta.get('data')}, given {n_train} train / {n_test} test images)")
+    saved_data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+    saved_fingerprint = saved_data.get("fingerprint")
+    if {k: saved_data.get(k) for k in ("train_images", "test_images")} != {"train_images": n_train,
+                                                                           "test_images": n_test}:
+        problems.append(f"data differs (saved {saved_data.get('train_images')} train / "
+                        f"{saved_data.get('test_images')} test images, given {n_train} train / {n_test} test images)")
+    elif saved_fingerprint is None:
+        notes.append(f"{path} has no fingerprint of its data (saved by an older minivit), so it cannot be checked "
+                     f"that this is the data the run started with; the next checkpoint records it")
+    elif saved_fingerprint != fingerprint:
+        if allow_other_data:
+            notes.append(f"continuing on other data than the run started with (fingerprint {fingerprint}, "
+                         f"the run's was {saved_fingerprint}), as --allow-other-data asks")
+        else:
+            problems.append(f"data differs: the same numbers of images, but not the images or labels the run "
+                            f"started with (fingerprint {fingerprint}, the run's is {saved_fingerprint}); pass the "
+                            f"run's data (--data), or --allow-other-data to continue on this data on purpose")
     if meta.get("normalize") != {"mean": list(mean), "std": list(std)}:
         problems.append(f"normalisation differs (saved {meta.get('normalize')})")
     if problems:
         raise ValueError(f"cannot resume {path}: " + "; ".join(problems))
+    return notes
+
+
+def _repair_outputs(out_dir: Path, history, epoch, progress, label_smoothing, save_best):
+    """Make metrics.csv, curves.png and best.npz agree with the checkpoint just resumed from.
+
+    At the end of an epoch checkpoint.npz is saved first, then best.npz (if the epoch is the best
+    so far), metrics.csv and curves.png. A run killed between those saves has a checkpoint that
+    is ahead of the rest; resuming rewrites the two tables from the checkpoint's history, and
+    best.npz from the checkpoint's weights when its epoch is the best one. `save_best()` saves
+    the resumed model as best.npz."""
+    if not history:
+        return
+    write_metrics_csv(out_dir / METRICS, history)
+    plot_curves(out_dir / CURVES, history, label_smoothing)
+    best_epoch = max(history, key=lambda r: r["test_acc"])["epoch"]   # the first of equals, as in the loop
+    try:
+        best_saved = read_checkpoint_meta(out_dir / BEST)["epoch"]
+    except (OSError, ValueError, KeyError):        # missing or unreadable: rewrite it if possible
+        best_saved = None
+    if best_saved == best_epoch:
+        return
+    held = f"holds epoch {best_saved}" if best_saved is not None else "is missing or unreadable"
+    if best_epoch == epoch and progress is None:     # the resumed weights are those of the best epoch
+        save_best()
+        print(f"repaired {out_dir / BEST}: it {held}, but the best test accuracy is at epoch {best_epoch}, "
+              f"the checkpoint's; rewritten from the checkpoint")
+    else:
+        print(f"warning: {out_dir / BEST} {held}, but the best test accuracy is at epoch {best_epoch}, whose "
+              f"weights are not saved any more; it is left as it is")
 
 
 # ============================================================================= metrics and curves
@@ -610,6 +747,9 @@ def register(subparsers):
                    "the cache, or download)")
     p.add_argument("--out", metavar="DIR", help="output directory (default runs/<preset>-<date>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out DIR from its checkpoint.npz")
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="with --resume: continue even though the data differs from the data the run started with "
+                        "(its fingerprint is checked)")
     p.add_argument("--device", choices=DEVICES, default="cpu", help="cpu (NumPy) or gpu (CuPy) (default cpu)")
     p.add_argument("--log-every", type=int, default=100, metavar="N",
                    help="print a step | loss | acc | img/s line every N steps, 0 = never (default 100)")
@@ -633,11 +773,14 @@ def _run_train(args) -> int:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if getattr(args, f.name) is not None}
     if args.log_every < 0:
         raise ValueError(f"--log-every must be >= 0, got {args.log_every}")
+    if args.allow_other_data and not args.resume:
+        raise ValueError("--allow-other-data only applies with --resume (a new run records the data it is given)")
     if args.resume:
         # A resumed run continues with its saved model and recipe; options that would change
         # them are refused rather than quietly ignored.
         if not args.out:
             raise ValueError("--resume needs --out DIR, the directory of the run to continue")
+        _clean_for_resume(Path(args.out))
         meta = read_checkpoint_meta(Path(args.out) / CHECKPOINT)
         saved = meta.get("recipe") or {}
         changed = {k: v for k, v in given.items() if saved.get(k) != v}
@@ -653,9 +796,11 @@ def _run_train(args) -> int:
         # Without --data, look where the run found its data first (if that is still there).
         saved_data = (meta.get("run") or {}).get("data")
         data_path = args.data or (saved_data if saved_data and Path(saved_data).exists() else None)
-        data, _ = _load_data(data_path, recipe.limit_train, recipe.limit_test)
+        data, data_path = _load_data(data_path, recipe.limit_train, recipe.limit_test)
+        # The checkpoints name the data the run goes on with (moved, or other data on purpose).
+        run_info = {**(meta.get("run") or {}), "data": str(data_path)}
         result = train(config, data, recipe, args.out, resume=True, mean=mean, std=std, device=args.device,
-                       log_every=args.log_every, run_info=meta.get("run"))
+                       log_every=args.log_every, run_info=run_info, allow_other_data=args.allow_other_data)
         return result.exit_code
 
     recipe = RECIPE.replace(**given)             # validates every value

@@ -196,3 +196,147 @@ def test_bad_metadata_is_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match="epoch"):
         save_checkpoint(tmp_path / "c.npz", model, opt, -1, {})
     assert list(tmp_path.iterdir()) == []
+
+
+# ---- hostile and damaged files: refused from their headers and meta.json, with the file named ----
+
+def _entries(path):
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def _write(path, entries):
+    with open(path, "wb") as f:
+        np.savez(f, **entries)
+
+
+def _npy_header_only(shape, dtype="<f4"):
+    """An .npy member whose header claims `shape` and that holds no data at all."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"dim": 2048, "depth": 12, "heads": 8}, r"depth=12, but the weights hold 1 block"),
+    ({"dim": 2048, "heads": 8},
+     r"'model/cls_token' has shape \(1, 1, 8\), but the config \(dim=2048.*needs \(1, 1, 2048\)"),
+    ({"img_size": 4 * 3000}, r"'model/pos_embed' has shape \(1, 5, 8\).*needs \(1, 9000001, 8\)"),
+])
+def test_a_config_its_entries_do_not_back_is_refused_before_any_model_is_built(tmp_path, change, match):
+    # A 24 KB file whose meta.json says D=2048, depth 12 cost 2.5 GB and 25 s in `minivit eval`
+    # (which builds ViT(config) before loading the weights) before "missing keys".
+    model, opt = trained_pair()
+    path = save(tmp_path / "c.npz", model, opt)
+    _rewrite_meta(path, lambda m: m["config"].update(change))
+    with pytest.raises(ValueError, match=match):
+        read_checkpoint_meta(path)            # what `minivit train --resume` reads before building
+    with pytest.raises(ValueError, match=match):
+        load_checkpoint(path)                 # what `minivit eval` reads before building
+
+
+def test_an_invalid_config_is_named(tmp_path):
+    model, opt = trained_pair()
+    path = save(tmp_path / "c.npz", model, opt)
+    _rewrite_meta(path, lambda m: m["config"].update(heads=3))
+    with pytest.raises(ValueError, match=rf"{path}: the config in its meta.json is not a valid ViTConfig.*heads=3"):
+        load_checkpoint(path)
+
+
+def test_bomb_entries_are_refused_from_their_headers(tmp_path, monkeypatch):
+    # Each header below claims 2**44 floats (64 TiB) and no data follows: np.load would allocate
+    # the whole array before anything looked at it (a compressed array of zeros does the same in
+    # a few MB). Refused from the header alone now.
+    model, opt = trained_pair()
+    path = save(tmp_path / "c.npz", model, opt)
+    entries = _entries(path)
+    for name, match in (
+            ("optim/exp_avg.0", r"'optim/exp_avg.0' of shape \(17592186044416,\) is not an optimiser state"),
+            ("model/norm.bias", r"'model/norm.bias' has shape \(17592186044416,\), .*needs \(8,\)")):
+        _write(path, {k: v for k, v in entries.items() if k != name})
+        with zipfile.ZipFile(path, "a") as z:
+            z.writestr(name + ".npy", _npy_header_only((2**44,)))
+        with pytest.raises(ValueError, match=match):
+            load_checkpoint(path)
+    # An extra entry under optim/ that no optimiser has (`minivit eval` never reads optim/).
+    _write(path, {**entries, "optim/anything.0": np.zeros(8, np.float32)})
+    with pytest.raises(ValueError, match="'optim/anything.0' of shape"):
+        load_checkpoint(path)
+    # meta.json has a bound of its own.
+    _write(path, entries)
+    monkeypatch.setattr(ckpt, "MAX_META_BYTES", 100)
+    with pytest.raises(ValueError, match=r"meta.json should be one JSON string of at most 100 bytes"):
+        read_checkpoint_meta(path)
+
+
+def test_non_finite_weights_are_refused_naming_the_entry(tmp_path):
+    model, opt = trained_pair()
+    model.blocks[0].attn.qkv.weight.data[1, 2] = np.nan
+    path = save(tmp_path / "c.npz", model, opt)
+    with pytest.raises(ValueError, match=r"'model/blocks.0.attn.qkv.weight' holds 1 non-finite value"):
+        load_checkpoint(path)
+    assert read_checkpoint_meta(path)["epoch"] == 1          # the metadata alone is still readable
+
+
+def _eval(args, capsys):
+    from minivit import cli
+    code = cli.main(["eval", *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.err.strip().splitlines()
+
+
+def test_eval_refuses_nan_weights_with_one_line(tmp_path, capsys):
+    # Before the fix `minivit eval` printed "test loss nan" and exited 0. (--data names nothing:
+    # the checkpoint must be refused before the data is looked for.)
+    model, opt = trained_pair()
+    model.head.bias.data[:] = np.inf
+    path = save(tmp_path / "c.npz", model, opt)
+    code, err = _eval([path, "--data", tmp_path / "no-data"], capsys)
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("minivit eval: error:") and "'model/head.bias' holds 3 non-finite" in err[0]
+
+
+@pytest.mark.parametrize("kind,match", [
+    ("png", "it is a PNG image, not an .npz archive"),
+    ("safetensors", "it is a safetensors file"),
+])
+def test_eval_on_a_file_of_another_kind_says_what_it_is(tmp_path, capsys, kind, match):
+    path = tmp_path / f"thing.{kind}"
+    if kind == "png":
+        from PIL import Image
+        Image.new("RGB", (4, 4)).save(path)
+    else:
+        from safetensors.numpy import save_file
+        save_file({"w": np.zeros(3, np.float32)}, str(path))
+    code, err = _eval([path, "--data", tmp_path / "no-data"], capsys)
+    assert code == 2 and len(err) == 1
+    assert f"{path} is not a readable minivit checkpoint: {match}" in err[0] and "pickled" not in err[0]
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda m: m["rng"].update(data={"bit_generator": "PCG64", "state": "nonsense"}),
+     r"meta.json's rng\['data'\] is not a valid PCG64 state"),
+    (lambda m: m["rng"].update(data=[1, 2, 3]), r"meta.json's rng\['data'\] is not a random generator state"),
+    (lambda m: m.update(epoch=-2), r"meta.json gives epoch -2; expected the number of completed epochs"),
+    (lambda m: m.update(epoch="3"), r"meta.json gives epoch '3'"),
+])
+def test_damaged_metadata_is_named(tmp_path, change, match):
+    model, opt = trained_pair()
+    path = save(tmp_path / "c.npz", model, opt)
+    _rewrite_meta(path, change)
+    with pytest.raises(ValueError, match=f"{path}: {match}"):
+        read_checkpoint_meta(path)
+
+
+def test_a_full_disk_names_the_checkpoint(tmp_path, monkeypatch):
+    import errno
+    model, opt = trained_pair()
+
+    def disk_full(file, **arrays):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(np, "savez", disk_full)
+    path = tmp_path / "c.npz"
+    with pytest.raises(OSError) as caught:
+        save(path, model, opt)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
+    assert str(path) in str(caught.value) and list(tmp_path.iterdir()) == []

@@ -7,6 +7,7 @@ fixture of conftest.py.
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
@@ -283,6 +284,107 @@ def test_a_missing_member_is_named(tmp_path, files):
         load_cifar10(write_archive(tmp_path / "c.tar.gz", files))
     with pytest.raises(FileNotFoundError, match="test_batch"):
         load_cifar10(write_directory(tmp_path, files))
+
+
+def tar_bytes(files: dict[str, bytes]) -> bytes:
+    """The uncompressed tar of the seven files, as write_archive lays them out."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, blob in files.items():
+            info = tarfile.TarInfo(f"{data.DIR_NAME}/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    return buf.getvalue()
+
+
+def test_a_flipped_bit_fails_the_gzip_crc_and_names_the_file(tmp_path, files):
+    # compresslevel=0 stores the tar bytes as they are (deflate's stored blocks), so one bit of a
+    # pixel can be flipped in the file itself: the deflate stream stays valid, only the CRC-32 in
+    # the gzip trailer disagrees. The tar reader stops before that trailer; before the fix such an
+    # archive loaded with one changed pixel.
+    path = tmp_path / data.ARCHIVE_NAME
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=0, mtime=0) as gz:
+        gz.write(tar_bytes(files))
+    blob = bytearray(path.read_bytes())
+    row = bytes(expected_images(2 * N + 1, 1).reshape(-1))      # image 9, in data_batch_3
+    at = bytes(blob).find(row[:200]) + 100                      # a pixel of some image's row
+    assert at >= 100
+    blob[at] ^= 0x10
+    path.write_bytes(bytes(blob))
+    with pytest.raises(gzip.BadGzipFile, match="CRC check failed"):
+        gzip.decompress(bytes(blob))                           # what `gzip -t` reports
+    with pytest.raises(ValueError, match=f"{path}.*corrupt or truncated.*CRC check failed"):
+        load_cifar10(path)
+
+
+def test_tar_headers_that_stop_mid_archive_are_called_corrupt(tmp_path, files):
+    # A damaged header inside an intact gzip stream (its checksum no longer matches): the tar
+    # reader takes it for the end of the archive. The members after it are "missing", and the
+    # message must say why rather than suggest a different layout.
+    tar = bytearray(tar_bytes(files))
+    second = tar.find(f"{data.DIR_NAME}/{data.TRAIN_FILES[1]}".encode())
+    assert second % 512 == 0 and second > 0
+    tar[second + 5] ^= 0x01                                    # one bit of the member's name
+    path = tmp_path / data.ARCHIVE_NAME
+    path.write_bytes(gzip.compress(bytes(tar), mtime=0))
+    with pytest.raises(ValueError, match=f"{path} has no member .*data_batch_2.*the archive is corrupt"):
+        load_cifar10(path)
+
+
+def test_a_member_above_its_size_limit_is_refused_before_it_is_read(tmp_path, files, monkeypatch):
+    # A decompression bomb in miniature: data_batch_1 is 3 MB of zeros (3 KB of gzip) and the
+    # limit is lowered to 1 MB. Before the fix the whole member was read, then failed to unpickle.
+    monkeypatch.setattr(data, "MAX_BATCH_BYTES", 2**20)
+    files["data_batch_1"] = bytes(3 * 2**20)
+    path = write_archive(tmp_path / data.ARCHIVE_NAME, files)
+    assert path.stat().st_size < 100_000
+    reads = []
+    real_extractfile = tarfile.TarFile.extractfile
+    monkeypatch.setattr(tarfile.TarFile, "extractfile",
+                        lambda self, m: reads.append(m.name) or real_extractfile(self, m))
+    with pytest.raises(ValueError, match=f"{path}: data_batch_1 holds 3145728 bytes, more than the 1048576"):
+        load_cifar10(path)
+    assert f"{data.DIR_NAME}/data_batch_1" not in reads        # refused from its header alone
+    # batches.meta has a limit of its own, and the extracted directory is checked the same way.
+    monkeypatch.setattr(data, "MAX_META_BYTES", 100)
+    files["data_batch_1"] = pickle_all(official_batches())["data_batch_1"]
+    with pytest.raises(ValueError, match="batches.meta holds .* bytes, more than the 100 bytes"):
+        load_cifar10(write_directory(tmp_path, files))
+
+
+def test_the_whole_archive_has_a_size_limit_too(tmp_path, files, monkeypatch):
+    # Members that are not read (and padding after the end) are still decompressed to be skipped:
+    # 3 MB of zeros in a member named "junk", with the archive's limit lowered to 1 MB.
+    monkeypatch.setattr(data, "MAX_ARCHIVE_BYTES", 2**20)
+    path = write_archive(tmp_path / data.ARCHIVE_NAME, {**files, "junk": bytes(3 * 2**20)})
+    with pytest.raises(ValueError, match=f"{path} unpacks to at least 3.* bytes, more than the 1048576 bytes"):
+        load_cifar10(path)
+    tar = tar_bytes(files) + bytes(3 * 2**20)                  # the same zeros after the end of the tar
+    path.write_bytes(gzip.compress(tar, mtime=0))
+    with pytest.raises(ValueError, match=f"{path} unpacks to at least .*, more than the 1048576 bytes"):
+        load_cifar10(path)
+
+
+def test_a_member_whose_header_claims_a_huge_size_is_refused_at_once(tmp_path, files):
+    # The header says 1 TiB and no data follows: refused from the header, never allocated or read.
+    tar = bytearray(tar_bytes({"data_batch_1": files["data_batch_1"]}))
+    info = tarfile.TarInfo(f"{data.DIR_NAME}/data_batch_1")
+    info.size = 2**40
+    tar[:512] = info.tobuf(format=tarfile.GNU_FORMAT)[:512]
+    path = tmp_path / data.ARCHIVE_NAME
+    path.write_bytes(gzip.compress(bytes(tar[:512 + 1024]), mtime=0))
+    with pytest.raises(ValueError, match=f"{path}: data_batch_1 holds 1099511627776 bytes, more than"):
+        load_cifar10(path)
+
+
+def test_class_names_in_utf8_load_and_undecodable_ones_name_the_file(tmp_path):
+    batches = official_batches()
+    batches[data.META_FILE] = make_meta(["caf\u00e9", *CLASSES[1:]])
+    assert load_cifar10(write_archive(tmp_path / "a.tar.gz", pickle_all(batches))).classes[0] == "caf\u00e9"
+    batches[data.META_FILE][b"label_names"][0] = b"\xff\xfe"
+    path = write_archive(tmp_path / "b.tar.gz", pickle_all(batches))
+    with pytest.raises(ValueError, match=rf"{path} \(batches.meta\): class name b'\\xff\\xfe' is not UTF-8"):
+        load_cifar10(path)
 
 
 def setting(key, make):

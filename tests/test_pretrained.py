@@ -8,17 +8,25 @@ Shape legend: B batch, C channels, S image side, G patches per side, D width, K 
 """
 from __future__ import annotations
 
+import errno
+import io
 import json
+import struct
+import zipfile
+import zlib
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
 from minivit import ViT, ViTConfig, cli, ops
+from minivit import predict as predict_module
+from minivit import pretrained
 from minivit.pretrained import (
     _timm_rows,
     detect_format,
     load_pretrained,
+    parameter_shapes,
     resample_pos_embed,
     save_pretrained,
 )
@@ -91,6 +99,7 @@ def timm_to_npz(state, config):
 ], ids=["default", "no-bias-no-head", "sincos2d", "no-pos"])
 def test_timm_table_lists_exactly_the_model_parameters(config):
     assert [row[0] for row in _timm_rows(config)] == [n for n, _ in ViT(config).named_parameters()]
+    assert parameter_shapes(config) == {n: p.shape for n, p in ViT(config).named_parameters()}
 
 
 # ============================================================================= round trips
@@ -474,6 +483,128 @@ def test_load_rejects_bad_heads_argument(timm_file):
         load_pretrained(path, heads=0)
 
 
+# ============================================================================= hostile files, refused before building
+
+@pytest.fixture
+def no_model_built(monkeypatch):
+    """Fail the test if load_pretrained builds a ViT: the files below must be refused from their
+    names and shapes alone (before the fix each built a model of GBs)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a ViT was built from a file that should have been refused first")
+    monkeypatch.setattr(pretrained, "ViT", refuse)
+
+
+def test_zero_size_pos_embed_is_refused_before_building(timm_file, no_model_built):
+    # 9000001 = 1 + 3000 x 3000 positions of width 0: no data at all, yet img_size would become
+    # 24000 and ViT(config) would allocate a (1, 9000001, 24) position table.
+    path, _ = timm_file
+    rewrite(path, lambda s: s.update({"pos_embed": np.zeros((1, 9000001, 0), np.float32)}), metadata=False)
+    with pytest.raises(ValueError, match=r"'pos_embed'.*shape \(1, 9000001, 0\).*needs \(1, 9000001, 24\)"):
+        load_pretrained(path, heads=3)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"hidden_size": 99_999_999}, r"cls_token'.*shape \(1, 1, 24\).*dim=99999999.*needs \(1, 1, 99999999\)"),
+    ({"num_hidden_layers": 10_000}, r"num_hidden_layers=10000, but the weights hold 2 block\(s\)"),
+    ({"image_size": 8 * 10_000}, r"position_embeddings'.*\(1, 17, 24\).*needs \(1, 100000001, 24\)"),
+])
+def test_absurd_hf_config_sizes_are_refused_before_building(hf_dir, no_model_built, change, match):
+    # A config.json of a few hundred bytes said how big a model to build; the weights beside it
+    # did not back it. (10**7 layers cost 41 s and 3.8 GB before the fix; 10**4 shows the same
+    # refusal without that cost should the fix ever go.)
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ValueError, match=match):
+        load_pretrained(hf_dir)
+
+
+def test_a_recorded_config_must_match_the_timm_tensors(timm_file, no_model_built):
+    path, _ = timm_file
+    state = load_file(str(path))
+    save_file(state, str(path), metadata={"minivit_config": json.dumps({"heads": 3, "depth": 10**6})})
+    with pytest.raises(ValueError, match=r"depth=1000000, but the weights hold 2 block"):
+        load_pretrained(path)
+    # With no pos_embed tensor, img_size is backed by nothing: a bound on the tokens applies.
+    del state["pos_embed"]
+    save_file(state, str(path), metadata={"minivit_config": json.dumps(
+        {"heads": 3, "pos_embed": "sincos2d", "img_size": 8 * 300})})
+    with pytest.raises(ValueError, match=r"90001 tokens, more than the 65536"):
+        load_pretrained(path)
+
+
+def _npy_member(shape, dtype="<f4", data=b""):
+    """The bytes of an .npy file whose header claims `shape`, followed by `data` (maybe none)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buf.getvalue() + data
+
+
+def test_npz_bomb_entries_are_refused_from_their_headers(tmp_path):
+    # An entry whose header claims 2**44 floats (64 TiB): np.load would allocate it whole before
+    # anything checked it (MemoryError, or GBs for a compressed array of zeros). The headers are
+    # read first now, so it is refused without reading a byte of it.
+    model = random_vit(TINY.replace(mlp_dim=None))
+    arrays = timm_to_npz(model.state_dict(), TINY)
+    path = tmp_path / "bomb.npz"
+    np.savez(path, **arrays)
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr("extra/kernel.npy", _npy_member((2**44,)))
+    with zipfile.ZipFile(path) as z, z.open("extra/kernel.npy") as f:       # the lie is in place
+        np.lib.format.read_magic(f)
+        assert np.lib.format.read_array_header_1_0(f)[0] == (2**44,)
+    with pytest.raises(KeyError, match="unexpected key.*extra/kernel"):
+        load_pretrained(path)
+    # The same lie in a key the model needs: its size disagrees with the config.
+    del arrays["head/bias"]
+    np.savez(path, **arrays)
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr("head/bias.npy", _npy_member((2**44,)))
+    with pytest.raises(ValueError, match=r"'head/bias' \(17592186044416,\) hold 17592186044416 numbers.*\(5,\)"):
+        load_pretrained(path)
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path):
+    model = random_vit()
+    model.blocks[1].mlp.fc1.bias.data[3] = np.nan
+    path = save_pretrained(model, tmp_path / "nan.safetensors")
+    with pytest.raises(ValueError, match=r"'blocks.1.mlp.fc1.bias'.* holds 1 non-finite value"):
+        load_pretrained(path)
+    model = random_vit(TINY.replace(mlp_dim=None))
+    arrays = timm_to_npz(model.state_dict(), TINY)
+    arrays["embedding/bias"][0] = np.inf
+    np.savez(tmp_path / "inf.npz", **arrays)
+    with pytest.raises(ValueError, match=r"'embedding/bias'.*non-finite"):
+        load_pretrained(tmp_path / "inf.npz")
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary", r"config.json' is not UTF-8 text"),
+    (b"[1, 2, 3]", r"config.json' must hold a JSON object.*got a JSON array"),
+    (None, r"config.json': id2label must be a JSON object from class index to name.*got a JSON array"),
+    (b'{"hidden_size": "big"}', r"config.json' does not describe a ViT minivit can build: .*'big'"),
+])
+def test_bad_config_json_is_a_clear_error_naming_the_file(hf_dir, content, match):
+    if content is None:         # id2label as a list (transformers refuses it too)
+        config = json.loads((hf_dir / "config.json").read_text())
+        content = json.dumps({**config, "id2label": NAMES}).encode()
+    (hf_dir / "config.json").write_bytes(content)
+    with pytest.raises(ValueError, match=match):
+        load_pretrained(hf_dir)
+
+
+def test_a_full_disk_names_the_file_being_written(tmp_path, monkeypatch):
+    import safetensors.numpy
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(OSError, match="No space left on device") as caught:
+        save_pretrained(random_vit(), path)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ============================================================================= minivit predict
 
 @pytest.fixture
@@ -539,3 +670,55 @@ def test_predict_bad_weights_and_top(tmp_path, picture, predict_cli, capsys):
     weights = save_pretrained(random_vit(), tmp_path / "m.safetensors")
     assert predict_cli(["predict", "--weights", str(weights), str(picture), "--top", "0"]) == 2
     assert "--top" in capsys.readouterr().err
+
+
+def _png_header_only(width, height):
+    """A 1-bit greyscale PNG of width x height whose pixels are all zero: a few KB that claims
+    width x height pixels (a decompression bomb when both are large)."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    row = b"\x00" * (1 + (width + 7) // 8)                     # filter byte, then the row's bits
+    pixels = zlib.compressobj(9)
+    body = b"".join(pixels.compress(row) for _ in range(height)) + pixels.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+
+
+def test_predict_refuses_a_200_megapixel_png_with_one_line(tmp_path, predict_cli, capsys):
+    weights = save_pretrained(random_vit(), tmp_path / "m.safetensors")
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png_header_only(20_000, 10_000))
+    assert bomb.stat().st_size < 100_000
+    assert predict_cli(["predict", "--weights", str(weights), str(bomb)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot read image {str(bomb)!r}" in err[0] and "too large" in err[0]
+
+
+def test_predict_pixel_limits_are_checked_before_decoding(tmp_path, picture, predict_cli, capsys, monkeypatch):
+    from PIL import Image
+    weights = save_pretrained(random_vit(), tmp_path / "m.safetensors")
+    monkeypatch.setattr(predict_module, "MAX_IMAGE_PIXELS", 3000)          # the picture is 70 x 50
+    assert predict_cli(["predict", "--weights", str(weights), str(picture)]) == 2
+    assert "70 x 50 = 0.0 megapixels, more than the 0.003 megapixels" in capsys.readouterr().err
+    # Between Pillow's limit and twice it, Pillow only warns, then decodes anyway: refused too.
+    monkeypatch.setattr(predict_module, "MAX_IMAGE_PIXELS", 10**8)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
+    assert predict_cli(["predict", "--weights", str(weights), str(picture)]) == 2
+    assert "too large to decode safely" in capsys.readouterr().err
+
+
+def test_predict_with_nan_weights_exits_2_naming_the_tensor(tmp_path, picture, predict_cli, capsys):
+    model = random_vit()
+    model.head.weight.data[...] = np.nan
+    weights = save_pretrained(model, tmp_path / "nan.safetensors", class_names=NAMES)
+    assert predict_cli(["predict", "--weights", str(weights), str(picture)]) == 2
+    captured = capsys.readouterr()
+    assert "%" not in captured.out
+    assert "'head.weight'" in captured.err and "non-finite" in captured.err
+    # Finite weights whose outputs overflow float32 are refused too (softmax would print nan%).
+    model.head.weight.data[...] = 3e38
+    model.head.bias.data[...] = 3e38
+    weights = save_pretrained(model, tmp_path / "huge.safetensors", class_names=NAMES)
+    assert predict_cli(["predict", "--weights", str(weights), str(picture)]) == 2
+    captured = capsys.readouterr()
+    assert "%" not in captured.out and "outputs (logits)" in captured.err and "not finite" in captured.err

@@ -3,8 +3,11 @@
 Most tests train a tiny ViT for 2 epochs of 3 steps on a synthetic 16 x 16 data set (well under
 a second per run); one trains on a thousand real CIFAR-10 images and must beat chance.
 """
+import json
 import os
 import signal
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +17,7 @@ from minivit import train as train_mod
 from minivit.checkpoint import load_checkpoint
 from minivit.cli import main
 from minivit.data import CIFAR10
-from minivit.train import RECIPE, NonFiniteLossError, Recipe, read_metrics_csv, train
+from minivit.train import RECIPE, NonFiniteLossError, Recipe, data_fingerprint, read_metrics_csv, train
 
 # Dropout and drop-path on, so that resuming must also restore the model's random generator.
 TINY = ViTConfig(img_size=16, patch_size=4, num_classes=10, dim=16, depth=2, heads=2, mlp_dim=32,
@@ -84,6 +87,40 @@ def make_nan(logits):
     return logits * np.nan
 
 
+class Killed(BaseException):
+    """Stands for kill -9: not an Exception, so nothing in train() catches it or saves anything after it."""
+
+
+def scripted_test_accuracy(accuracies):
+    """A replacement for train.evaluate: the test accuracy of each epoch in turn (loss 1 - acc),
+    so that which epoch is the best is chosen by the test."""
+    remaining = list(accuracies)
+
+    def evaluate(*args, **kwargs):
+        acc = remaining.pop(0)
+        return 1.0 - acc, acc
+    return evaluate
+
+
+def stale_temp_file(directory, name):
+    """What a save of `name` killed before its rename leaves behind: its hidden temporary
+    file, named as save_checkpoint and _write_atomically name it (tempfile.mkstemp)."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    os.write(fd, b"half a file")
+    os.close(fd)
+    return Path(tmp)
+
+
+def rewrite_meta(path, change):
+    """Edit the meta.json of a checkpoint in place (an older minivit's file, a hostile one)."""
+    with np.load(path) as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    meta = json.loads(str(arrays["meta.json"][()]))
+    change(meta)
+    arrays["meta.json"] = np.array(json.dumps(meta))
+    np.savez(path, **arrays)
+
+
 def final_state(out_dir):
     state, optim_state, meta = load_checkpoint(out_dir / "checkpoint.npz")
     return state, optim_state, meta
@@ -149,6 +186,229 @@ def test_resume_refuses_a_different_recipe_or_model(tmp_path):
     assert done.status == "already finished"
 
 
+# ----------------------------------------------------------------------------- a kill between the files of an epoch
+
+def test_resume_repairs_best_npz_after_a_kill_just_before_it(tmp_path, monkeypatch, capsys):
+    # Test accuracies 0.2, 0.5, 0.3: epoch 2 is the best. The kill comes after epoch 2's
+    # checkpoint.npz and before its best.npz, which still holds epoch 1.
+    data, recipe = synthetic_data(), SMALL.replace(epochs=3)
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "evaluate", scripted_test_accuracy([0.2, 0.5, 0.3]))
+        train(TINY, data, recipe, tmp_path / "straight")
+    real_save = train_mod.save_checkpoint
+
+    def killed_before_best_of_epoch_2(path, model, optimizer, epoch, *args, **kwargs):
+        if path.name == "best.npz" and epoch == 2:
+            raise Killed
+        return real_save(path, model, optimizer, epoch, *args, **kwargs)
+    run = tmp_path / "killed"
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "evaluate", scripted_test_accuracy([0.2, 0.5]))
+        m.setattr(train_mod, "save_checkpoint", killed_before_best_of_epoch_2)
+        with pytest.raises(Killed):
+            train(TINY, data, recipe, run)
+    assert final_state(run)[2]["epoch"] == 2 and load_checkpoint(run / "best.npz")[2]["epoch"] == 1
+    capsys.readouterr()
+
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "evaluate", scripted_test_accuracy([0.3]))
+        assert train(TINY, data, recipe, run, resume=True).status == "finished"
+    assert f"repaired {run / 'best.npz'}: it holds epoch 1, but the best test accuracy is at epoch 2" \
+        in capsys.readouterr().out
+    best, _, meta = load_checkpoint(run / "best.npz")
+    assert meta["epoch"] == 2
+    straight_best = load_checkpoint(tmp_path / "straight" / "best.npz")[0]
+    assert all(np.array_equal(best[name], straight_best[name]) for name in straight_best)
+    assert [r["epoch"] for r in read_metrics_csv(run / "metrics.csv")] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("killed_in", ["write_metrics_csv", "plot_curves"])
+def test_resume_of_a_complete_run_repairs_metrics_and_curves(tmp_path, monkeypatch, capsys, killed_in):
+    # Killed after the last epoch's checkpoint.npz: the run is complete, but metrics.csv (or
+    # curves.png) lacks its last epoch.
+    real = getattr(train_mod, killed_in)
+
+    def killed_at_epoch_2(path, history, *args):
+        if len(history) == 2:
+            raise Killed
+        return real(path, history, *args)
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, killed_in, killed_at_epoch_2)
+        with pytest.raises(Killed):
+            train(TINY, synthetic_data(), SMALL, tmp_path)
+    history = final_state(tmp_path)[2]["metrics"]
+    assert len(history) == 2
+    stale_curves = (tmp_path / "curves.png").read_bytes()
+
+    result = train(TINY, synthetic_data(), SMALL, tmp_path, resume=True)
+    assert result.status == "already finished"
+    assert read_metrics_csv(tmp_path / "metrics.csv") == history
+    train_mod.plot_curves(tmp_path / "fresh.png", history, SMALL.label_smoothing)
+    assert (tmp_path / "curves.png").read_bytes() == (tmp_path / "fresh.png").read_bytes() != stale_curves
+
+
+# ----------------------------------------------------------------------------- temporary files of killed saves
+
+def test_new_run_removes_the_temp_file_of_a_killed_first_save(tmp_path, capsys, fake_cifar):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = stale_temp_file(out, "checkpoint.npz")       # `ls` shows nothing: the name starts with a dot
+    assert main(["train", *TINY_ARGS, *SMALL_ARGS, "--epochs", "1", "--out", str(out)]) == 0
+    assert f"removed 1 unfinished temporary file of an interrupted save from {out}: {stale.name}" \
+        in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["best.npz", "checkpoint.npz", "curves.png", "metrics.csv"]
+
+
+def test_resume_after_a_killed_first_save_says_what_happened(tmp_path, capsys, fake_cifar):
+    out = tmp_path / "run"
+    out.mkdir()
+    stale_temp_file(out, "checkpoint.npz")
+    assert main(["train", "--resume", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"nothing to resume in {out}: the run was stopped during its first save" in err[0]
+    assert f"start the run again with --out {out} and without --resume" in err[0]
+    assert os.listdir(out) == []
+    assert main(["train", *TINY_ARGS, *SMALL_ARGS, "--epochs", "1", "--out", str(out)]) == 0
+
+
+def test_resume_removes_stale_temp_files_and_only_those(tmp_path, monkeypatch, capsys):
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "ViT", at_training_forward(4, raise_keyboard_interrupt))
+        train(TINY, synthetic_data(), SMALL, tmp_path)
+    stale = [stale_temp_file(tmp_path, name).name for name in ("checkpoint.npz", "best.npz", "metrics.csv",
+                                                               "curves.png")]
+    others = [".notes.abcdefgh.tmp", ".checkpoint.npz.tmp", "checkpoint.npz.abcdefgh.tmp"]   # not its names
+    for name in others:
+        (tmp_path / name).write_text("keep me")
+    capsys.readouterr()
+    assert train(TINY, synthetic_data(), SMALL, tmp_path, resume=True).status == "finished"
+    assert f"removed 4 unfinished temporary files of an interrupted save from {tmp_path}: " \
+           f"{', '.join(sorted(stale))}" in capsys.readouterr().out
+    assert sorted(p for p in os.listdir(tmp_path) if p.endswith(".tmp")) == sorted(others)
+
+
+# ----------------------------------------------------------------------------- the same data on resume
+
+def test_data_fingerprint_tells_data_sets_apart():
+    data = synthetic_data()
+    splits = (data.train_images, data.train_labels, data.test_images, data.test_labels)
+    fingerprint = data_fingerprint(*splits)
+    assert data_fingerprint(*(a.copy() for a in splits)) == fingerprint
+    other = synthetic_data(seed=1)        # the same sizes
+    assert data_fingerprint(other.train_images, other.train_labels, other.test_images, other.test_labels) \
+        != fingerprint
+    relabelled = data.train_labels.copy()
+    relabelled[7] = (relabelled[7] + 1) % 10
+    assert data_fingerprint(data.train_images, relabelled, *splits[2:]) != fingerprint
+    shuffled = np.random.default_rng(0).permutation(len(data.test_images))
+    assert data_fingerprint(*splits[:2], data.test_images[shuffled], data.test_labels[shuffled]) != fingerprint
+    one_pixel = data.test_images.copy()
+    one_pixel[3, 0, 0, 0] += 1            # a pixel every image contributes to the hash
+    assert data_fingerprint(*splits[:2], one_pixel, data.test_labels) != fingerprint
+
+
+def test_resume_refuses_other_data_of_the_same_size_unless_allowed(tmp_path, monkeypatch, capsys):
+    data, other = synthetic_data(), synthetic_data(seed=1)
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "ViT", at_training_forward(4, raise_keyboard_interrupt))   # stopped after epoch 1
+        train(TINY, data, SMALL, tmp_path)
+    before = (tmp_path / "checkpoint.npz").read_bytes()
+    with pytest.raises(ValueError, match=r"cannot resume .*checkpoint.npz: data differs: the same numbers of "
+                                         r"images, but not the images or labels the run started with .*"
+                                         r"--allow-other-data to continue on this data on purpose"):
+        train(TINY, other, SMALL, tmp_path, resume=True)
+    assert (tmp_path / "checkpoint.npz").read_bytes() == before
+    capsys.readouterr()
+
+    assert train(TINY, other, SMALL, tmp_path, resume=True, allow_other_data=True).status == "finished"
+    assert "note: continuing on other data than the run started with" in capsys.readouterr().out
+    saved = final_state(tmp_path)[2]["data"]["fingerprint"]
+    assert saved == data_fingerprint(other.train_images, other.train_labels, other.test_images, other.test_labels)
+
+
+def test_resume_of_an_old_checkpoint_without_a_fingerprint_gives_a_note(tmp_path, monkeypatch, capsys):
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "ViT", at_training_forward(4, raise_keyboard_interrupt))
+        train(TINY, synthetic_data(), SMALL, tmp_path)
+    rewrite_meta(tmp_path / "checkpoint.npz", lambda meta: meta["data"].pop("fingerprint"))
+    capsys.readouterr()
+    assert train(TINY, synthetic_data(seed=1), SMALL, tmp_path, resume=True).status == "finished"
+    assert "has no fingerprint of its data (saved by an older minivit)" in capsys.readouterr().out
+    assert final_state(tmp_path)[2]["data"]["fingerprint"] is not None     # recorded from now on
+
+
+def test_cli_resume_on_other_data(tmp_path, monkeypatch, capsys, fake_cifar):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "ViT", at_training_forward(4, raise_keyboard_interrupt))
+        assert main(["train", *TINY_ARGS, *SMALL_ARGS, "--out", str(out)]) == 130
+    assert main(["train", *TINY_ARGS, "--allow-other-data", "--out", str(tmp_path / "new")]) == 2
+    assert "--allow-other-data only applies with --resume" in capsys.readouterr().err
+    other = synthetic_data(seed=1)
+    monkeypatch.setattr(train_mod, "load_cifar10", lambda path, limit=None: other)
+    assert main(["train", "--resume", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data differs: the same numbers of images" in err[0]
+    assert main(["train", "--resume", "--out", str(out), "--allow-other-data"]) == 0
+
+
+# ----------------------------------------------------------------------------- what the training step does
+
+def test_training_decays_weight_matrices_only(tmp_path, monkeypatch):
+    """AdamW in train() gets optim.param_groups' split: weight decay on the weight matrices and the
+    patch kernel, none on biases, LayerNorm, pos_embed and cls_token."""
+    built = {}
+
+    def recording(cls, key):
+        def make(*args, **kwargs):
+            built[key] = cls(*args, **kwargs)
+            return built[key]
+        return make
+    monkeypatch.setattr(train_mod, "ViT", recording(ViT, "model"))
+    monkeypatch.setattr(train_mod, "AdamW", recording(train_mod.AdamW, "optimizer"))
+    train(TINY, synthetic_data(), SMALL.replace(epochs=1, weight_decay=0.05), tmp_path)
+    names = {id(p): name for name, p in built["model"].named_parameters()}
+    optimizer = built["optimizer"]
+    decay = {names[id(p)]: wd for p, wd in zip(optimizer.params, optimizer.weight_decays)}
+    assert sorted(decay) == sorted(names.values())                 # every parameter of the model, once
+    matrices = {"patch_embed.proj.weight", "head.weight"} | {
+        f"blocks.{i}.{layer}.weight" for i in range(TINY.depth) for layer in ("attn.qkv", "attn.proj", "mlp.fc1",
+                                                                              "mlp.fc2")}
+    assert decay == {name: 0.05 if name in matrices else 0.0 for name in names.values()}
+
+
+def test_training_step_feeds_the_model_normalised_augmented_images(tmp_path, monkeypatch):
+    """The exact input of the model in each training step: the augmented batch of training images,
+    (pixel / 255 - mean) / std per channel; and in testing, the test images the same way."""
+    data = synthetic_data()
+    mean, std = (0.1, 0.3, 0.6), (0.5, 0.25, 0.2)       # per channel, no mean equal to its std
+    batches, inputs, test_inputs = [], [], []
+    real_augment = train_mod.augment
+
+    def recording_augment(images, rng, *args, **kwargs):
+        out = real_augment(images, rng, *args, **kwargs)
+        batches.append((images.copy(), out.copy()))
+        return out
+
+    class RecordingViT(ViT):
+        def forward(self, x):
+            (inputs if self.training else test_inputs).append(x.copy())
+            return super().forward(x)
+    monkeypatch.setattr(train_mod, "augment", recording_augment)
+    monkeypatch.setattr(train_mod, "ViT", RecordingViT)
+    train(TINY, data, SMALL.replace(epochs=1), tmp_path, mean=mean, std=std)
+
+    def normalised(images):
+        return (images / 255.0 - np.reshape(mean, (3, 1, 1))) / np.reshape(std, (3, 1, 1))
+    assert len(batches) == len(inputs) == 3                       # 3 steps
+    training_images = {image.tobytes() for image in data.train_images}
+    for (batch, augmented), x in zip(batches, inputs):
+        assert all(image.tobytes() in training_images for image in batch)
+        assert x.dtype == np.float32 and x.shape == augmented.shape
+        np.testing.assert_allclose(x, normalised(augmented), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.concatenate(test_inputs), normalised(data.test_images), rtol=1e-6, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- divergence
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -169,6 +429,23 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert meta["epoch"] == 1 and all(np.isfinite(a).all() for a in state.values())
     assert len(read_metrics_csv(tmp_path / "metrics.csv")) == 1
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("settings, hinted, not_hinted", [
+    ({"clip_grad": 1.0}, ["a lower --lr (it was 0.003)", "a longer --warmup (it was 0.5 epochs)",
+                          "(Gradients were already clipped to a norm of 1.)"], ["--clip-grad 1"]),
+    ({"clip_grad": 0.5}, ["clipped to a norm of 0.5"], ["--clip-grad 1"]),
+    ({"clip_grad": 0.0}, ["or --clip-grad 1 (clipping was off)"], ["already clipped"]),
+    ({"clip_grad": 5.0}, ["or --clip-grad 1 (it was 5)"], ["already clipped"]),
+    ({"warmup": 2.0}, ["Try a lower --lr (it was 0.003)."], ["--warmup", "--clip-grad 1"]),   # warmup = epochs
+])
+def test_divergence_hint_follows_the_settings(tmp_path, monkeypatch, settings, hinted, not_hinted):
+    monkeypatch.setattr(train_mod, "ViT", at_training_forward(2, make_nan))
+    with pytest.raises(NonFiniteLossError) as caught:
+        train(TINY, synthetic_data(), SMALL.replace(**settings), tmp_path)
+    message = str(caught.value)
+    assert all(text in message for text in hinted), message
+    assert not any(text in message for text in not_hinted), message
 
 
 def test_cli_nan_exits_nonzero_with_one_line(tmp_path, monkeypatch, capsys, fake_cifar):
@@ -332,6 +609,33 @@ def test_cli_resume_refuses_changed_settings(tmp_path, capsys, fake_cifar):
 def test_eval_errors(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "missing.npz")]) == 2
     assert capsys.readouterr().err.strip() == f"minivit eval: error: checkpoint not found: {tmp_path / 'missing.npz'}"
+
+
+def refuse_to_build(*args, **kwargs):
+    raise AssertionError("ViT(config) was built before the file's weights were checked against its config")
+
+
+@pytest.mark.parametrize("huge", [
+    {"dim": 2048, "depth": 12},             # 2.4 GB to build
+    {"dim": 2048},
+    {"depth": 10**7},
+    {"mlp_dim": 2**31 - 1},
+])
+def test_eval_and_resume_check_the_weights_against_the_config_before_building(tmp_path, monkeypatch, capsys,
+                                                                               fake_cifar, huge):
+    """A few kilobytes of weights beside a config that says "huge" must fail at once, not build the model."""
+    with monkeypatch.context() as m:
+        m.setattr(train_mod, "ViT", at_training_forward(4, raise_keyboard_interrupt))
+        train(TINY, synthetic_data(), SMALL, tmp_path)                  # a resumable checkpoint of epoch 1
+    rewrite_meta(tmp_path / "checkpoint.npz", lambda meta: meta["config"].update(huge))
+    monkeypatch.setattr(train_mod, "ViT", refuse_to_build)
+    capsys.readouterr()
+    for command in (["eval", str(tmp_path / "checkpoint.npz")], ["train", "--resume", "--out", str(tmp_path)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(tmp_path / "checkpoint.npz") in err[0], err
+    with pytest.raises(ValueError, match="checkpoint.npz"):
+        train(TINY.replace(**huge), synthetic_data(), SMALL, tmp_path, resume=True)
 
 
 def test_recipe_defaults_are_the_documented_recipe():
