@@ -437,6 +437,15 @@ def normalize(images, mean, std, dtype=np.float32):
     if images.ndim != 4 or not len(mean) == len(std) == images.shape[1]:
         raise ValueError(f"normalize expects images (B, C, S, S) and one mean and std per channel, got images "
                          f"of shape {images.shape}, {len(mean)} means and {len(std)} stds")
+    for name, values in (("mean", mean), ("std", std)):
+        try:
+            finite = all(np.isfinite(float(v)) for v in values)
+        except (TypeError, ValueError):
+            finite = False
+        if not finite:
+            raise ValueError(f"normalize: {name} must be finite numbers (pixel / 255 units), got {tuple(values)}")
+    if not all(float(v) > 0 for v in std):
+        raise ValueError(f"normalize: every std must be > 0 (it divides the pixels), got std={tuple(std)}")
     xp = get_array_module(images)
     mean = xp.asarray(mean, dtype=dtype).reshape(-1, 1, 1)                    # (C, 1, 1): broadcasts over B, S, S
     std = xp.asarray(std, dtype=dtype).reshape(-1, 1, 1)                      # (C, 1, 1)

@@ -467,6 +467,19 @@ def test_normalize_subtracts_the_mean_and_divides_by_the_std():
     assert normalize(images, CIFAR10_MEAN, CIFAR10_STD, dtype=np.float64).dtype == np.float64
 
 
+@pytest.mark.parametrize("mean, std, message", [
+    ((0.5, 0.5, 0.5), (0.2, 0.0, 0.2), "std must be > 0"),
+    ((0.5, 0.5, 0.5), (0.2, -0.1, 0.2), "std must be > 0"),
+    ((0.5, float("nan"), 0.5), (0.2, 0.2, 0.2), "mean must be finite"),
+    ((0.5, 0.5, 0.5), (0.2, float("inf"), 0.2), "std must be finite"),
+])
+def test_normalize_refuses_a_zero_or_non_finite_std_or_mean_naming_it(mean, std, message):
+    # Before: std 0 gave inf pixels and a later "images contain NaN or infinite values" from the model.
+    images = np.zeros((1, 3, 2, 2), np.uint8)
+    with pytest.raises(ValueError, match=message):
+        normalize(images, mean, std)
+
+
 def test_normalize_refuses_floats_and_wrong_channels():
     images = np.zeros((2, 3, 4, 4), np.uint8)
     with pytest.raises(TypeError, match="uint8"):     # normalizing twice would pass floats
@@ -523,6 +536,17 @@ def test_each_crop_is_a_shifted_copy_of_its_image(batch, rng):
         assert len(matches) == 1, matches          # exactly one shift within +-p explains the crop
         shifts += matches
     assert len(set(shifts)) > 10                   # and the shifts differ from image to image
+
+
+@pytest.mark.parametrize("p", [1, 2, 3])
+def test_every_shift_from_minus_p_to_plus_p_occurs_each_way(p):
+    # One 1 x 7 x 7 image whose pixels are 1..49, many times over: the centre pixel of a crop tells
+    # its shift. Offsets drawn from [0, 2p) instead of [0, 2p] would never shift by +p.
+    image = np.arange(1, 50, dtype=np.uint8).reshape(1, 1, 7, 7)
+    crops = random_crop(np.repeat(image, 2000, axis=0), np.random.default_rng(0), padding=p)
+    centre = crops[:, 0, 3, 3].astype(int) - 1                      # = image index (3 + dy) * 7 + (3 + dx)
+    seen = {(v // 7 - 3, v % 7 - 3) for v in centre}
+    assert seen == {(dy, dx) for dy in range(-p, p + 1) for dx in range(-p, p + 1)}   # all (2p+1)^2
 
 
 def test_flip_mirrors_about_half_the_images_and_twice_is_the_identity(batch):
