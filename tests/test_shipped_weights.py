@@ -1,0 +1,87 @@
+"""Weights shipped for the lessons (lessons/weights/): how they are made, and what they score.
+
+lessons/weights/ship.py turns a finished training run into a float16 safetensors file whose
+metadata records the command, the recipe and what those float16 weights score on the test set
+and on its first 1,000 images. Here it is run on a tiny run on synthetic images, and its file is
+checked against a re-measurement. (The shipped recipe weights themselves get a test of their
+recorded accuracy on real CIFAR-10 when they are added.)
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from minivit import get_preset
+from minivit.data import synthetic_cifar10
+from minivit.pretrained import load_pretrained
+from minivit.train import Recipe, predict, train
+
+REPO = Path(__file__).resolve().parents[1]
+WEIGHTS = REPO / "lessons" / "weights"
+
+
+def _ship_module(monkeypatch, data):
+    spec = importlib.util.spec_from_file_location("ship", WEIGHTS / "ship.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    monkeypatch.setattr(ship, "find_cifar10", lambda *a, **k: "synthetic")
+    monkeypatch.setattr(ship, "load_cifar10", lambda path, limit=None: data)
+    return ship
+
+
+def test_ship_writes_float16_weights_whose_notes_say_what_they_score(tmp_path, monkeypatch):
+    data = synthetic_cifar10(n_train=384, n_test=1200, seed=3)
+    config = get_preset("cifar-lesson", depth=1, dim=32, heads=2, mlp_dim=64)
+    train(config, data, Recipe(epochs=2, batch_size=32, lr=3e-3, warmup=0.5), tmp_path / "run", log_every=0)
+    ship = _ship_module(monkeypatch, data)
+    out = tmp_path / "shipped"
+    out.mkdir()
+    ship.main([str(tmp_path / "run"), "tiny", "--command", "minivit train (tiny)", "--out-dir", str(out)])
+
+    path = out / "tiny.safetensors"
+    assert sorted(p.name for p in out.iterdir()) == ["tiny.metrics.csv", "tiny.safetensors"]   # no temp file
+    with safe_open(str(path), framework="np") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {np.dtype(np.float16)}
+    model, meta = load_pretrained(path)
+    notes = meta["notes"]
+    assert notes["command"] == "minivit train (tiny)" and notes["epochs"] == 2 and notes["recipe"]["epochs"] == 2
+    assert meta["class_names"] == data.classes and model.config == config
+    # what the notes record is what these float16 weights score, re-measured here
+    correct = predict(model, data.test_images, 250, meta["mean"], meta["std"]).argmax(axis=1) == data.test_labels
+    assert notes["float16_test_correct"] == int(correct.sum()) and notes["float16_test_images"] == 1200
+    assert notes["float16_slice_correct"] == int(correct[:1000].sum())
+    assert correct.mean() > 0.3                    # it learned the colours (chance 0.1): real weights were shipped
+    run_csv = (tmp_path / "run" / "metrics.csv").read_text()
+    assert (out / "tiny.metrics.csv").read_text() == run_csv
+    assert notes["run_test_accuracy"] == pytest.approx(float(run_csv.strip().splitlines()[-1].split(",")[5]))
+    json.dumps(notes, allow_nan=False)
+
+
+def test_ship_refuses_an_unfinished_run(tmp_path, monkeypatch):
+    data = synthetic_cifar10(n_train=64, n_test=64, seed=3)
+    config = get_preset("cifar-lesson", depth=1, dim=32, heads=2, mlp_dim=64)
+    train(config, data, Recipe(epochs=1, batch_size=32, warmup=0.5), tmp_path / "run", log_every=0)
+    meta_path = tmp_path / "run"
+    ship = _ship_module(monkeypatch, data)
+    # the same run, claiming more epochs than it ran: as a run stopped early would look
+    monkeypatch.setattr(ship, "load_checkpoint", lambda p: _claim_epochs(ship, p, 3))
+    with pytest.raises(SystemExit, match="ship finished runs only"):
+        ship.main([str(meta_path), "tiny", "--command", "x", "--out-dir", str(tmp_path)])
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+def _claim_epochs(ship, path, epochs):
+    from minivit.checkpoint import load_checkpoint
+    state, optim, meta = load_checkpoint(path)
+    meta = dict(meta, recipe=dict(meta["recipe"], epochs=epochs))
+    return state, optim, meta
+
+
+def test_shipped_weights_stay_small():
+    total = sum(p.stat().st_size for p in WEIGHTS.glob("*.safetensors"))
+    assert total < 25e6, f"lessons/weights holds {total / 1e6:.1f} MB of weights; keep it under 25 MB"
