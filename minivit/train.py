@@ -5,6 +5,7 @@
     minivit train --resume --out runs/cifar-recipe-20250101-120000    # continue a stopped run
     minivit eval runs/cifar-recipe-20250101-120000/best.npz           # test accuracy of a saved model
     minivit eval runs/cifar-recipe-20250101-120000/best.npz --flip    # ... averaged with the mirror image
+    mpiexec -n 2 minivit train --out runs/two                        # the same run on 2 processes (pip extra "mpi")
 
 One training step, as the loop in `train` writes it out:
 
@@ -29,6 +30,11 @@ the model's own Generator draws dropout and drop-path masks. Both states go into
 checkpoint, so a run that is stopped and resumed ends with exactly the weights (bit for bit)
 of a run that never stopped.
 
+Data parallel (minivit.distributed): under `mpiexec -n K` every process (rank) runs this same
+loop on its shard of each batch; the gradients are summed over the ranks, so all take the same
+step and hold the same weights. The checkpoint does not depend on K: a run resumes with any K,
+bit for bit with the same K, within float rounding with another (the sum's order changes).
+
 Shape legend: B batch, C channels, S image side, K classes.
 """
 from __future__ import annotations
@@ -52,7 +58,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .backend import DEVICES, check_device, to_device, to_numpy
 from .checkpoint import DEFAULT_FILE_MODE, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .config import PRESETS, ViTConfig, get_preset
@@ -162,7 +168,7 @@ class TrainResult:
 def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = False,
           init_state: dict | None = None, mean=CIFAR10_MEAN, std=CIFAR10_STD,
           device: str = "cpu", log_every: int = 100, run_info: dict | None = None,
-          allow_other_data: bool = False) -> TrainResult:
+          allow_other_data: bool = False, dtype=np.float32) -> TrainResult:
     """Train a ViT(config) on `data` with `recipe`, writing checkpoints and metrics to out_dir.
 
     data        anything with uint8 train_images / test_images (n, C, S, S) and integer
@@ -175,9 +181,23 @@ def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = Fa
     run_info    JSON-able notes kept in the checkpoint (preset name, overrides, --init path)
     allow_other_data  resume even though the data's fingerprint differs from the one the run
                 started with (same numbers of images, other content), on purpose
+    dtype       float32 (the recipe) or float64 (tests that compare two runs to a tight tolerance)
+
+    Started K times by an MPI launcher (`mpiexec -n K`), the K processes train together, data
+    parallel (minivit.distributed): each takes its shard of every batch, the gradients are
+    summed, and all take the same step. An error on any of them stops all of them.
     """
-    out_dir = Path(out_dir)
+    comm = distributed.init()
+    with comm.abort_on_error("minivit train"), comm.only_rank0_prints():
+        return _train(comm, config, data, recipe, Path(out_dir), resume, init_state, mean, std, device, log_every,
+                      run_info, allow_other_data, dtype)
+
+
+def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, device, log_every, run_info,
+           allow_other_data, dtype) -> TrainResult:
+    """train(), as each rank runs it: rank comm.rank of comm.size (0 of 1 without MPI)."""
     checkpoint_path, best_path = out_dir / CHECKPOINT, out_dir / BEST
+    comm.use_device(device)                      # K GPU ranks: one GPU each, NCCL between them
     check_device(device)
     _check_data(data, config)
     # The first N images of each split; slicing makes views, nothing is copied.
@@ -192,19 +212,27 @@ def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = Fa
     warmup_steps = round(recipe.warmup * steps_per_epoch)
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
     fingerprint = data_fingerprint(train_images, train_labels, test_images, test_labels)
+    _check_ranks(comm.size, B, n_train, n_test)
 
     # ---- the model, the optimiser and the two random generators
     notes = []                                   # printed under the settings
     if resume:
-        _clean_for_resume(out_dir)
+        if comm.rank == 0:                       # rank 0 alone changes files; every rank reads
+            _clean_for_resume(out_dir)
         state, optim_state, meta = load_checkpoint(checkpoint_path)
         # Read and checked before ViT(config) allocates anything (load_checkpoint compares the
         # file's names and shapes with its config first): a small file must not make a big model.
         notes = _check_resume(meta, config, recipe, n_train, n_test, fingerprint, mean, std, checkpoint_path,
                               allow_other_data)
-    else:
+        saved_ranks = meta.get("ranks", 1)
+        if saved_ranks != comm.size:
+            notes.append(f"the run was saved by {saved_ranks} rank{'s' * (saved_ranks != 1)} and goes on with "
+                         f"{comm.size}: the same training, but the gradient's terms are summed in another order, "
+                         f"so the weights differ from a run that kept {saved_ranks} by float rounding")
+    elif comm.rank == 0:
         _check_new_out_dir(out_dir)
     model = ViT(config, seed=recipe.seed)        # its Generator draws the initial weights, then dropout masks
+    model.astype(dtype)
     if init_state is not None:
         model.load_state_dict(init_state)
     # The data Generator gets its own stream, so changing the model (and with it the number of
@@ -231,10 +259,10 @@ def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = Fa
         extra = {"recipe": recipe.to_dict(), "metrics": history, "progress": progress,
                  "data": {"train_images": n_train, "test_images": n_test, "fingerprint": fingerprint},
                  "normalize": {"mean": mean, "std": std}, "run": run_info or {},
-                 "minivit_version": __version__}
+                 "ranks": comm.size, "minivit_version": __version__}
         save_checkpoint(path, model, optimizer if with_optimizer else None, epoch, rng_state, extra)
 
-    # ---- print the resolved settings
+    # ---- print the resolved settings (only rank 0's prints are shown)
     preset = (run_info or {}).get("preset")
     resumed = ""
     if resume:
@@ -246,10 +274,14 @@ def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = Fa
     print("  recipe  " + " ".join(f"{k}={v}" for k, v in recipe.to_dict().items()))
     print(f"  data    {n_train} training and {n_test} test images of {'x'.join(map(str, train_images.shape[1:]))}; "
           f"{steps_per_epoch} steps per epoch, {total_steps} steps, {warmup_steps} of warmup")
+    if comm.size > 1:
+        per_rank = f"{B // comm.size}" if B % comm.size == 0 else f"{B // comm.size}-{B // comm.size + 1}"
+        print(f"  ranks   {comm.size} processes (MPI), data parallel: {per_rank} of the {B} images of each "
+              f"batch per rank")
     print(f"  out     {out_dir}")
     for note in notes:
         print(f"note: {note}")
-    if resume:
+    if resume and comm.rank == 0:
         # The checkpoint is the record of the run; what is derived from it may lag behind when
         # a save was killed between the files, so it is made right before anything else.
         _repair_outputs(out_dir, history, start_epoch, progress, recipe.label_smoothing,
@@ -291,17 +323,26 @@ def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = Fa
                     global_step = epoch * steps_per_epoch + step
                     index = order[step * B:(step + 1) * B]                         # (B,), fewer at the end
                     images = augment(train_images[index], data_rng)                # uint8 (B, C, S, S)
-                    x = normalize(to_device(images, device), mean, std)            # float32 (B, C, S, S)
-                    y = to_device(train_labels[index], device)                     # (B,)
+                    # With K ranks each keeps its shard of the batch (lo:hi, b = hi - lo images),
+                    # after the whole batch was augmented as one process would; K = 1 keeps all.
+                    lo, hi = comm.shard(len(index))
+                    x = normalize(to_device(images[lo:hi], device), mean, std, dtype)   # (b, C, S, S)
+                    y = to_device(train_labels[index[lo:hi]], device)                   # (b,)
                     lr = optimizer.lr = warmup_cosine(global_step, total_steps, warmup_steps, recipe.lr)
 
-                    logits = model(x)                                              # (B, K)
+                    comm.seed_dropout(model, recipe.seed, global_step)             # K > 1: masks per rank
+                    logits = model(x)                                              # (b, K)
                     loss, loss_cache = cross_entropy_forward(logits, y, recipe.label_smoothing)
-                    loss = float(loss)
-                    if not math.isfinite(loss):
-                        raise NonFiniteLossError(_diverged("loss", loss, epoch, step, lr, saved, recipe))
                     model.zero_grad()
                     model.backward(cross_entropy_backward(loss_cache))             # fills every p.grad
+                    # The gradient of the whole batch's mean loss: the shards' gradients weighted by
+                    # their share of the batch, summed over ranks (one all-reduce; nothing with K = 1).
+                    comm.sum_gradients(params, (hi - lo) / len(index))
+                    batch_loss, batch_correct = comm.sum([float(loss) * (hi - lo),
+                                                          int((logits.argmax(axis=1) == y).sum())])
+                    loss = batch_loss / len(index)
+                    if not math.isfinite(loss):
+                        raise NonFiniteLossError(_diverged("loss", loss, epoch, step, lr, saved, recipe))
                     if recipe.clip_grad > 0:
                         # Scales all gradients together when their global norm is above clip_grad.
                         grad_norm = clip_grad_norm(params, recipe.clip_grad)
@@ -311,29 +352,38 @@ def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = Fa
                     optimizer.step()
 
                     train_seconds += time.perf_counter() - step_start
-                    loss_sum += loss * len(index)
-                    correct += int((logits.argmax(axis=1) == y).sum())
+                    loss_sum += batch_loss
+                    correct += int(batch_correct)
                     seen += len(index)
                     bar.update(len(index))
                     bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
                     if log_every and (global_step + 1) % log_every == 0:
                         tqdm.write(f"step {global_step + 1}/{total_steps} | loss {loss_sum / seen:.4f} | "
                                    f"acc {correct / seen:.4f} | {seen / train_seconds:.1f} img/s | lr {lr:.3g}")
-                    if stop.requested:
+                    # A signal may reach the ranks in different steps: they agree to stop after
+                    # the same one (the largest signal number; 0 while none came).
+                    stop_signal = comm.max(stop.requested or 0)
+                    if stop_signal:
                         # Stopped between two steps: the state is consistent, save it mid-epoch.
                         stopped = {"step": step + 1, "order_rng": order_rng, "data_rng": data_rng.bit_generator.state,
                                    "loss_sum": loss_sum, "correct": correct, "seen": seen,
                                    "train_seconds": train_seconds}
-                        save(checkpoint_path, epoch, progress=stopped)
+                        if comm.rank == 0:
+                            save(checkpoint_path, epoch, progress=stopped)
+                        comm.barrier()                # nobody exits before the checkpoint is on disk
                         bar.close()
                         print(f"stopped at epoch {epoch + 1}, step {step + 1}/{steps_per_epoch}; "
                               f"saved {checkpoint_path}")
                         _print_resume_hint(out_dir)
-                        return TrainResult("interrupted", epoch, history, out_dir, stop.requested)
+                        return TrainResult("interrupted", epoch, history, out_dir, signal.Signals(stop_signal))
                 bar.close()
 
                 # ---- end of the epoch: test, save, report
-                test_loss, test_acc = evaluate(model, test_images, test_labels, B, mean, std, device)
+                # Each rank tests its shard of the test set; the whole set's loss and accuracy are
+                # the shards' weighted by their share of it (with K = 1 the weight is 1).
+                lo, hi = comm.shard(n_test)
+                test_loss, test_acc = evaluate(model, test_images[lo:hi], test_labels[lo:hi], B, mean, std, device)
+                test_loss, test_acc = comm.sum([test_loss * ((hi - lo) / n_test), test_acc * ((hi - lo) / n_test)])
                 # Wall time of the epoch (training and testing); images_per_second counts the
                 # training steps only.
                 epoch_seconds = time.perf_counter() - epoch_start + seconds_before_resume
@@ -342,22 +392,26 @@ def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = Fa
                        "images_per_second": seen / train_seconds}
                 history.append(row)
                 # The checkpoint first: it is the record of the run; metrics.csv and curves.png
-                # are redrawn from its history, so they never get ahead of it.
-                save(checkpoint_path, epoch + 1)
+                # are redrawn from its history, so they never get ahead of it. Rank 0 alone
+                # writes; the barrier keeps the others from going on before the files are there.
+                if comm.rank == 0:
+                    save(checkpoint_path, epoch + 1)
+                    if test_acc > best_acc:
+                        save(best_path, epoch + 1, with_optimizer=False)
+                    write_metrics_csv(out_dir / METRICS, history)
+                    plot_curves(out_dir / CURVES, history, recipe.label_smoothing)
+                comm.barrier()
                 saved = f"{checkpoint_path} (epoch {epoch + 1})"
-                if test_acc > best_acc:
-                    best_acc = test_acc
-                    save(best_path, epoch + 1, with_optimizer=False)
-                write_metrics_csv(out_dir / METRICS, history)
-                plot_curves(out_dir / CURVES, history, recipe.label_smoothing)
+                best_acc = max(best_acc, test_acc)
                 print(f"epoch {epoch + 1}/{recipe.epochs} | "
                       f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
                       f"test loss {test_loss:.4f} acc {test_acc:.4f} | "
                       f"{epoch_seconds:.1f} s, {row['images_per_second']:.1f} img/s | lr {lr:.3g}")
-                if stop.requested:
+                stop_signal = comm.max(stop.requested or 0)     # as after each step: all ranks agree
+                if stop_signal:
                     print(f"stopped after epoch {epoch + 1}; saved {checkpoint_path}")
                     _print_resume_hint(out_dir)
-                    return TrainResult("interrupted", epoch + 1, history, out_dir, stop.requested)
+                    return TrainResult("interrupted", epoch + 1, history, out_dir, signal.Signals(stop_signal))
         except KeyboardInterrupt:
             # A second Ctrl-C or SIGTERM (or a Ctrl-C outside the main thread's handler) can land
             # in the middle of a step, when the weights may be half updated: nothing is saved now.
@@ -367,6 +421,8 @@ def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = Fa
                   + (f"The last checkpoint is {saved}." if saved else "No checkpoint was written yet."))
             if saved:
                 _print_resume_hint(out_dir)
+            # With K ranks the others may wait in an all-reduce this rank never reaches: end them all.
+            comm.abort(128 + (stop.requested or signal.SIGINT))
             return TrainResult("interrupted", len(history), history, out_dir, stop.requested)
         finally:
             if bar is not None:     # also on an error such as a diverged loss
@@ -389,7 +445,7 @@ def predict(model, images, batch_size, mean=CIFAR10_MEAN, std=CIFAR10_STD, devic
     logits = []
     for start in tqdm(range(0, len(images), batch_size), desc="test", unit="batch", leave=False,
                       dynamic_ncols=True, mininterval=0.5):
-        x = normalize(to_device(images[start:start + batch_size], device), mean, std)   # float32 (B, C, S, S)
+        x = normalize(to_device(images[start:start + batch_size], device), mean, std, model.dtype)  # (B, C, S, S)
         out = model(x)                                                                   # (B, K)
         if flip:
             out = (out + model(x[..., ::-1].copy())) / 2                                 # mirror the width axis
@@ -516,6 +572,18 @@ def _check_data(data, config: ViTConfig):
         if labels.min() < 0 or labels.max() >= config.num_classes:
             raise ValueError(f"{split} labels go from {labels.min()} to {labels.max()}, but the model has "
                              f"num_classes={config.num_classes}")
+
+
+def _check_ranks(ranks, batch_size, n_train, n_test):
+    """With K ranks every batch (the last, smaller one too) and the test set need K images or more:
+    each rank takes a share of them, and a rank with none would have no mean loss to take."""
+    last = n_train - (math.ceil(n_train / batch_size) - 1) * batch_size     # the last batch of an epoch
+    for what, n in (("batch", min(batch_size, last)), ("test set", n_test)):
+        if n < ranks:
+            raise ValueError(f"{ranks} ranks need at least {ranks} images in every batch and in the test set, but "
+                             f"the smallest {what} has {n}" + (f" (the last batch of an epoch: {n_train} images in "
+                             f"batches of {batch_size})" if what == "batch" and last < batch_size else "")
+                             + "; use fewer ranks, or change --batch-size or --limit-train / --limit-test")
 
 
 def _check_new_out_dir(out_dir: Path):
@@ -770,6 +838,14 @@ def register(subparsers):
 
 
 def _run_train(args) -> int:
+    # Under `mpiexec -n K` every rank runs this; an error on any of them stops them all, and
+    # only rank 0 prints (minivit.distributed). Without a launcher, comm does nothing.
+    comm = distributed.init()
+    with comm.abort_on_error("minivit train"), comm.only_rank0_prints():
+        return _run_train_on_rank(args, comm)
+
+
+def _run_train_on_rank(args, comm) -> int:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if getattr(args, f.name) is not None}
     if args.log_every < 0:
         raise ValueError(f"--log-every must be >= 0, got {args.log_every}")
@@ -780,7 +856,8 @@ def _run_train(args) -> int:
         # them are refused rather than quietly ignored.
         if not args.out:
             raise ValueError("--resume needs --out DIR, the directory of the run to continue")
-        _clean_for_resume(Path(args.out))
+        if comm.rank == 0:                       # rank 0 alone changes files
+            _clean_for_resume(Path(args.out))
         meta = read_checkpoint_meta(Path(args.out) / CHECKPOINT)
         saved = meta.get("recipe") or {}
         changed = {k: v for k, v in given.items() if saved.get(k) != v}
@@ -814,7 +891,8 @@ def _run_train(args) -> int:
         preset = args.preset or DEFAULT_PRESET
         config = get_preset(preset, **overrides)
     out_dir = Path(args.out) if args.out else Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    _check_new_out_dir_early(out_dir)            # fail before loading data, not after
+    if comm.rank == 0:
+        _check_new_out_dir_early(out_dir)        # fail before loading data, not after
     data, data_path = _load_data(args.data, recipe.limit_train, recipe.limit_test)
     if args.init:
         from .pretrained import load_pretrained
