@@ -718,6 +718,9 @@ def test_lessons_find_shared_data_above_the_working_directory_after_the_usual_pl
 
 def test_lessons_fall_back_to_labelled_synthetic_images_without_downloading(env, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    # No copy anywhere: not in the cache (env), and none of the name searched for above tmp_path (a
+    # real shared/data may sit beside the checkout, or above the temporary folder).
+    monkeypatch.setattr(data, "ARCHIVE_NAME", "no-such-archive.tar.gz")
     fallback = data.cifar10_for_lessons()                  # env points the download URL nowhere: not tried
     assert "SYNTHETIC" in capsys.readouterr().out
     assert fallback.synthetic and "SYNTHETIC" in repr(fallback) and "not CIFAR-10" in fallback.source
