@@ -85,3 +85,26 @@ def _claim_epochs(ship, path, epochs):
 def test_shipped_weights_stay_small():
     total = sum(p.stat().st_size for p in WEIGHTS.glob("*.safetensors"))
     assert total < 25e6, f"lessons/weights holds {total / 1e6:.1f} MB of weights; keep it under 25 MB"
+
+
+def test_the_shipped_recipe_weights_score_what_they_record(cifar_archive):
+    """lessons/weights/cifar-recipe.safetensors: the recipe's 20-epoch weights, re-scored on the
+    first 1,000 real test images against the count recorded when they were shipped."""
+    from minivit.data import load_cifar10
+    from minivit.train import read_metrics_csv
+
+    model, meta = load_pretrained(WEIGHTS / "cifar-recipe.safetensors")
+    notes = meta["notes"]
+    assert model.config == get_preset("cifar-recipe")
+    assert notes["recipe"] == Recipe().to_dict() and notes["epochs"] == 20     # the recipe as minivit train runs it
+    assert notes["command"].startswith("minivit train")
+    history = read_metrics_csv(WEIGHTS / "cifar-recipe.metrics.csv")
+    assert [r["epoch"] for r in history] == list(range(1, 21))
+    assert history[-1]["test_acc"] == notes["run_test_accuracy"] > 0.7
+    data = load_cifar10(cifar_archive)
+    logits = predict(model, data.test_images[:1000], 250, meta["mean"], meta["std"])
+    correct = int((logits.argmax(axis=1) == data.test_labels[:1000]).sum())
+    # The same weights and batches as when shipped; only a BLAS thread count could move a near tie.
+    assert abs(correct - notes["float16_slice_correct"]) <= 2, (correct, notes["float16_slice_correct"])
+    # float16 storage costs (almost) nothing: the shipped weights score what the run's float32 ones did
+    assert abs(notes["float16_test_correct"] / notes["float16_test_images"] - notes["run_test_accuracy"]) < 0.003
