@@ -3,7 +3,6 @@
 The find-the-bug exercise (2.3) is tested with the lesson's own buggy functions, read from the notebook,
 so the planted bugs here are exactly the ones a learner sees.
 """
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -12,12 +11,10 @@ import numpy as np
 import pytest
 
 from minivit import ops
-from minivit.exercises import Wrong, lesson02
+from minivit.exercises import load_solutions, Wrong, lesson02
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("lesson02_solutions", ROOT / "lessons" / "solutions" / "lesson02.py")
-solutions = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(solutions)
+solutions = load_solutions("02")
 
 _C = math.sqrt(2.0 / math.pi)
 

@@ -1,17 +1,12 @@
 """Lesson 03's exercise checkers accept the worked solutions and reject plausible wrong answers."""
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from minivit import fastops, ops
-from minivit.exercises import Wrong, lesson03
+from minivit.exercises import load_solutions, Wrong, lesson03
 
-_path = Path(__file__).resolve().parents[1] / "lessons" / "solutions" / "lesson03.py"
-_spec = importlib.util.spec_from_file_location("lesson03_solutions", _path)
-solutions = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(solutions)
+solutions = load_solutions("03")
 
 
 def _stub(*args):

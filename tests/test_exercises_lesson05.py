@@ -2,24 +2,18 @@
 report a stub that was not attempted."""
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from minivit.exercises import Wrong, lesson05
+from minivit.exercises import load_solutions, Wrong, lesson05
 
-SOLUTIONS = Path(__file__).resolve().parents[1] / "lessons" / "solutions" / "lesson05.py"
 
 
 @pytest.fixture(scope="module")
 def solution():
-    spec = importlib.util.spec_from_file_location("lesson05_solutions", SOLUTIONS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_solutions("05")
 
 
 def stub(*args, **kwargs):

@@ -2,25 +2,13 @@
 a stub that still raises NotImplementedError as not attempted."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from minivit.exercises import Wrong, lesson12
+from minivit.exercises import load_solutions, Wrong, lesson12
 
-SOLUTIONS = Path(__file__).resolve().parents[1] / "lessons" / "solutions" / "lesson12.py"
-
-
-def _load_solutions():
-    spec = importlib.util.spec_from_file_location("lesson12_solutions", SOLUTIONS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-solutions = _load_solutions()
+solutions = load_solutions("12")
 
 
 def stub(*args, **kwargs):

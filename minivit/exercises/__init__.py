@@ -92,3 +92,19 @@ def expect_gradients(name: str, errors: dict, tolerance: float = TOLERANCE) -> s
         raise Wrong(f"{name}: the gradient check fails: relative error {listing} (must be below {tolerance:.0e}). "
                     f"Compare your backward with the forward, line by line.")
     return f"{name}: " + ", ".join(f"d{k} rel_error {v:.1e}" for k, v in errors.items())
+
+
+def load_solutions(lesson: str):
+    """The worked solutions of a lesson ("02" -> lessons/solutions/lesson02.py) as a module, from a
+    checkout of the repository (the solutions are not part of the installed package)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "lessons" / "solutions" / f"lesson{lesson}.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"no worked solutions at {path}: they live in a checkout of minivit, "
+                                f"in lessons/solutions/")
+    spec = importlib.util.spec_from_file_location(f"lesson{lesson}_solutions", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
