@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -44,6 +45,8 @@ LAUNCHER_VARIABLES = ("PMI_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_SIZE", "PM
 # MINIVIT_MPI=1 uses MPI even with one rank (to try the NCCL path on one GPU);
 # MINIVIT_MPI=0 ignores a launcher.
 FORCE_VARIABLE = "MINIVIT_MPI"
+# Seconds between printing an error and MPI_Abort, so the launcher forwards the message (see abort).
+ABORT_GRACE_S = 1.0
 # The errors `minivit` reports as one line with exit code 2 (as minivit.cli does).
 INPUT_ERRORS = (ValueError, TypeError, KeyError, RuntimeError, OSError, OverflowError, MemoryError)
 
@@ -191,6 +194,11 @@ class MPIComm(Single):
         an all-reduce that will never complete."""
         sys.stdout.flush()
         sys.stderr.flush()
+        # The message just printed is still in the pipe to MPICH's launcher, which reads it in
+        # the same loop that handles the abort: abort at once and, on a busy machine, the
+        # launcher may kill everything before it has forwarded the one line that says why
+        # (seen once in CI). A second's pause lets it drain the pipe first.
+        time.sleep(ABORT_GRACE_S)
         self.comm.Abort(code)
         os._exit(code)            # MPICH's MPI_Abort may return before the launcher has ended this process
 
