@@ -136,6 +136,16 @@ class ViT(Module):
     def forward(self, x, keep_attention: bool = False):
         """Logits (B, K) for images (B, C, S, S). With keep_attention=True every block also keeps
         its attention probabilities, which attention_maps() then returns."""
+        x = self.forward_features(x, keep_attention)                    # (B, D)
+        if self.head is not None:
+            x = self.head(x)                                            # (B, K)
+            self._cache = self._cache[:3] + (x.shape, True)             # backward starts at the head
+        return x
+
+    def forward_features(self, x, keep_attention: bool = False):
+        """The pooled features (B, D) that the head reads: everything but the head. A linear
+        probe (minivit.analysis) fits its own head on these. backward() after this call takes
+        the gradient of the features, (B, D)."""
         ops = get_ops()   # fastops, or ops.py after modules.set_ops("reference")
         self.check_images(x)
         if not isinstance(keep_attention, bool):
@@ -151,21 +161,20 @@ class ViT(Module):
             x = block(x)                                                # (B, N, D)
         x = self.norm(x)                                                # (B, N, D)
         x, pool_cache = ops.pool_forward(x, self.config.pool)           # (B, D)
-        if self.head is not None:
-            x = self.head(x)                                            # (B, K)
-        self._cache = (pos_cache, drop_cache, pool_cache, x.shape)
+        self._cache = (pos_cache, drop_cache, pool_cache, x.shape, False)
         return x
 
     def backward(self, dout):
-        pos_cache, drop_cache, pool_cache, out_shape = self._check_cache(self._cache)
+        pos_cache, drop_cache, pool_cache, out_shape, through_head = self._check_cache(self._cache)
         if not is_array(dout) or tuple(dout.shape) != tuple(out_shape):
             raise ValueError(
-                f"backward expects the gradient of the logits with shape {tuple(out_shape)}, "
+                f"backward expects the gradient of the last forward pass's output (logits, or features after "
+                f"forward_features), shape {tuple(out_shape)}, "
                 f"got {getattr(dout, 'shape', type(dout).__name__)}"
             )
         self._cache = None
         ops = get_ops()
-        dx = self.head.backward(dout) if self.head is not None else dout  # (B, D)
+        dx = self.head.backward(dout) if through_head else dout         # (B, D)
         dx = ops.pool_backward(dx, pool_cache)                          # (B, N, D)
         dx = self.norm.backward(dx)                                     # (B, N, D)
         for block in reversed(self.blocks):

@@ -228,6 +228,24 @@ def test_mean_pool_without_head_returns_features(rng):
     assert model(x).shape == (3, TINY.dim)
 
 
+def test_forward_features_are_what_the_head_reads_and_backpropagate(rng):
+    model = tiny_model()
+    randomise(model, rng)
+    x, _ = batch(rng)
+    features = model.forward_features(x)                                  # (B, D)
+    assert features.shape == (3, TINY.dim)
+    logits = model(x)
+    np.testing.assert_allclose(logits, features @ model.head.weight.data.T + model.head.bias.data, rtol=1e-12)
+    # backward after forward_features takes the features' gradient and skips the head
+    features = model.forward_features(x)
+    model.zero_grad()
+    dx = model.backward(np.ones_like(features))
+    assert dx.shape == x.shape and model.head.weight.grad is None and model.norm.weight.grad is not None
+    with pytest.raises(ValueError, match=r"shape \(3, 8\)"):
+        model.forward_features(x)
+        model.backward(np.ones((3, TINY.num_classes)))
+
+
 def test_eval_mode_is_deterministic_and_train_mode_is_not(rng):
     model = ViT(TINY.replace(dropout=0.3, drop_path=0.2), seed=0)
     x, _ = batch(rng, dtype=np.float32)
