@@ -1,0 +1,224 @@
+"""The paper's ablations at CIFAR scale: one command per experiment, every variant with two seeds.
+
+    python -m minivit.experiments pool_lr --runs ~/minivit-runs/exp    # run (or continue) one experiment
+    python -m minivit.experiments all --runs ~/minivit-runs/exp        # every experiment, in order
+    python -m minivit.experiments pool_lr --list                       # its runs and their state
+    python -m minivit.experiments pool_lr --runs DIR --csv-only        # rewrite its CSV from finished runs
+
+Each run is an ordinary `minivit.train` run in RUNS/<run name>. The name says what differs from
+the base run, so a run two experiments share (the base itself) is trained once. The command can
+be stopped at any moment (Ctrl-C, SIGTERM, the end of a session) and started again: finished
+runs are skipped, a run stopped midway resumes from its checkpoint (bit for bit, see train.py).
+After every run the experiment's table, lessons/results/<experiment>.csv, is written again from
+the finished runs' metrics.csv files: one row per run, so the seed spread is in the table.
+
+The budget. The paper's ablations are ImageNet runs; on two CPU cores a whole set must fit in
+about 8 hours, i.e. a run takes minutes. The base run: a ViT of 0.3M parameters (D=96, 4 blocks,
+3 heads, MLP 192, patch 4 -> 64 tokens + [CLS]), on the first 20,000 CIFAR-10 training images for
+5 epochs (100,000 images seen, 782 steps of 128), tested on the first 5,000 test images (standard
+error of an accuracy near 55%: 0.7 points). Seven minutes on one core. That is far from
+converged, and the accuracies are low (about 50-60%); what the experiments compare is the
+*difference* between variants at equal cost, which is what the paper's ablations compare too. An
+effect smaller than the spread between seeds is reported as noise.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ViTConfig
+from .train import CHECKPOINT, METRICS, Recipe, _write_atomically, read_metrics_csv, train
+
+RESULTS = Path(__file__).resolve().parent.parent / "lessons" / "results"
+SEEDS = (0, 1)
+
+BASE_CONFIG = ViTConfig(img_size=32, patch_size=4, num_classes=10, dim=96, depth=4, heads=3, mlp_dim=192,
+                        pool="mean", pos_embed="learned", init="timm")
+BASE_RECIPE = Recipe(epochs=5, batch_size=128, lr=1e-3, weight_decay=0.05, warmup=1.0, label_smoothing=0.1,
+                     clip_grad=1.0, limit_train=20_000, limit_test=5_000)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: the base with some config and recipe fields changed."""
+    experiment: str
+    variant: dict                           # the columns that tell this run apart, e.g. {"pool": "cls", "lr": 3e-3}
+    config: dict = field(default_factory=dict)   # ViTConfig fields changed from BASE_CONFIG
+    recipe: dict = field(default_factory=dict)   # Recipe fields changed from BASE_RECIPE (seed included)
+
+    @property
+    def name(self) -> str:
+        """What differs from the base, e.g. "pool=cls,lr=0.003,seed=1": the run's directory name."""
+        config, recipe = self.build()
+        changes = {k: v for k, v in config.to_dict().items() if getattr(BASE_CONFIG, k) != v}
+        changes.update({k: v for k, v in recipe.to_dict().items() if getattr(BASE_RECIPE, k) != v and k != "seed"})
+        parts = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(changes.items())]
+        return ",".join(parts + [f"seed={recipe.seed}"])
+
+    def build(self) -> tuple[ViTConfig, Recipe]:
+        return BASE_CONFIG.replace(**self.config), BASE_RECIPE.replace(**self.recipe)
+
+
+def _runs(experiment, variants, seeds):
+    """variants: list of (columns, config changes, recipe changes); one Run per variant and seed."""
+    return [Run(experiment, {**columns, "seed": seed}, config, {**recipe, "seed": seed})
+            for columns, config, recipe in variants for seed in seeds]
+
+
+def pool_lr(seeds=SEEDS):
+    """[CLS] token vs global average pooling, each at three learning rates (paper App. D.3, Fig. 9:
+    the two need different learning rates; with the right one each, they are equally good)."""
+    return _runs("pool_lr", [({"pool": pool, "lr": lr}, {"pool": pool}, {"lr": lr})
+                             for pool in ("cls", "mean") for lr in (3e-4, 1e-3, 3e-3)], seeds)
+
+
+def pos_embed(seeds=SEEDS):
+    """No position embedding, learned 1-D, learned 2-D, fixed sin-cos 2-D, relative (paper App.
+    D.4, Table 8: 0.614 / 0.642 / 0.640 / - / 0.640 on ImageNet 5-shot)."""
+    return _runs("pos_embed", [({"pos_embed": kind}, {"pos_embed": kind}, {})
+                               for kind in ("none", "learned", "learned2d", "sincos2d", "relative")], seeds)
+
+
+def patch_size(seeds=SEEDS):
+    """Patches of 8, 4 and 2 pixels: 16, 64 and 256 tokens for the same images and steps."""
+    return _runs("patch_size", [({"patch_size": p, "tokens": (32 // p) ** 2 + 1}, {"patch_size": p}, {})
+                                for p in (8, 4, 2)], seeds)
+
+
+def data_scale(seeds=SEEDS):
+    """Accuracy against the number of training images, at the same cost: 100,000 images seen
+    (5,000 x 20 epochs ... 50,000 x 2), and the same 156 warmup steps. The paper's Figs. 3-4 at
+    CIFAR scale, where "more data" can only help once the small sets are seen often enough to
+    be memorised."""
+    return _runs("data_scale", [({"train_images": n}, {}, {"limit_train": n, "epochs": 100_000 // n,
+                                                            "warmup": 20_000 / n})
+                                for n in (5_000, 10_000, 20_000, 50_000)], seeds)
+
+
+EXPERIMENTS = {"pool_lr": pool_lr, "pos_embed": pos_embed, "patch_size": patch_size, "data_scale": data_scale}
+
+
+# ============================================================================= running
+
+def state(run: Run, runs_dir: Path) -> str:
+    """'finished', 'started' (a checkpoint to resume from) or 'new'."""
+    out = runs_dir / run.name
+    _, recipe = run.build()
+    if (out / METRICS).exists() and len(read_metrics_csv(out / METRICS)) >= recipe.epochs:
+        return "finished"
+    return "started" if (out / CHECKPOINT).exists() else "new"
+
+
+def execute(run: Run, data, runs_dir: Path, log_every: int = 0):
+    """Train the run, or continue it; returns train()'s TrainResult (None when already finished)."""
+    if state(run, runs_dir) == "finished":
+        return None
+    config, recipe = run.build()
+    info = {"experiment": run.experiment, "variant": run.variant, "command": " ".join(sys.argv),
+            "commit": _commit()}
+    return train(config, data, recipe, runs_dir / run.name, resume=state(run, runs_dir) == "started",
+                 log_every=log_every, run_info=info)
+
+
+def row(run: Run, runs_dir: Path) -> dict:
+    """The CSV row of a finished run: its variant, size, cost and accuracies."""
+    config, recipe = run.build()
+    history = read_metrics_csv(runs_dir / run.name / METRICS)
+    seconds = [float(h["epoch_seconds"]) for h in history]
+    params = sum(int(v) for v in _parameter_counts(config))
+    return {**run.variant,
+            "params": params,
+            "train_images": recipe.limit_train, "epochs": recipe.epochs, "batch_size": recipe.batch_size,
+            "lr": recipe.lr, "test_images": recipe.limit_test,
+            "test_acc": round(float(history[-1]["test_acc"]), 4),
+            "best_test_acc": round(max(float(h["test_acc"]) for h in history), 4),
+            "train_acc": round(float(history[-1]["train_acc"]), 4),
+            "test_loss": round(float(history[-1]["test_loss"]), 4),
+            "seconds_per_epoch": round(statistics.median(seconds), 1),
+            "images_per_second": round(statistics.median(float(h["images_per_second"]) for h in history), 1),
+            "run": run.name}
+
+
+def _parameter_counts(config):
+    from .pretrained import parameter_shapes
+    for shape in parameter_shapes(config).values():
+        n = 1
+        for s in shape:
+            n *= s
+        yield n
+
+
+def write_csv(experiment: str, runs: list, runs_dir: Path, results: Path = RESULTS) -> Path | None:
+    rows = [row(r, runs_dir) for r in runs if state(r, runs_dir) == "finished"]
+    if not rows:
+        return None
+    columns = list(dict.fromkeys(k for r in rows for k in r))      # first seen first: the variant columns lead
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path = results / f"{experiment}.csv"
+    _write_atomically(path, buffer.getvalue().encode())
+    return path
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                              capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minivit.experiments", description=__doc__.split("\n\n")[0])
+    parser.add_argument("experiment", choices=[*EXPERIMENTS, "all"])
+    parser.add_argument("--runs", metavar="DIR", help="where the run directories go (keep it outside the checkout)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS), metavar="N")
+    parser.add_argument("--data", metavar="PATH", help="CIFAR-10 archive or directory (as for minivit train)")
+    parser.add_argument("--list", action="store_true", help="list the runs and their state, run nothing")
+    parser.add_argument("--csv-only", action="store_true", help="only rewrite the CSVs from finished runs")
+    parser.add_argument("--results", metavar="DIR", default=str(RESULTS),
+                        help="where the CSVs go (default: lessons/results of this checkout)")
+    parser.add_argument("--log-every", type=int, default=0, metavar="N")
+    args = parser.parse_args(argv)
+    names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
+    plan = {name: EXPERIMENTS[name](tuple(args.seeds)) for name in names}
+    runs_dir = Path(args.runs).expanduser() if args.runs else None
+    if args.list:
+        for name, runs in plan.items():
+            for run in runs:
+                print(f"{name:12s} {run.name:45s} {state(run, runs_dir) if runs_dir else ''}")
+        return 0
+    if runs_dir is None:
+        parser.error("--runs DIR is needed to run or to write CSVs")
+    if not args.csv_only:
+        from .data import find_cifar10, load_cifar10
+        data = load_cifar10(find_cifar10(args.data))
+        for name, runs in plan.items():
+            for i, run in enumerate(runs):
+                print(f"[{name} {i + 1}/{len(runs)}] {run.name}: {state(run, runs_dir)}", flush=True)
+                started = time.monotonic()
+                result = execute(run, data, runs_dir, args.log_every)
+                if result is not None and result.status == "interrupted":
+                    write_csv(name, runs, runs_dir, Path(args.results))
+                    return result.exit_code
+                if result is not None:
+                    print(f"    {result.history[-1]['test_acc']:.4f} test accuracy, "
+                          f"{time.monotonic() - started:.0f} s", flush=True)
+                write_csv(name, runs, runs_dir, Path(args.results))
+    for name, runs in plan.items():
+        path = write_csv(name, runs, runs_dir, Path(args.results))
+        print(f"{name}: {path or 'no finished runs yet'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
