@@ -4,13 +4,15 @@
     python -m minivit.experiments all --runs ~/minivit-runs/exp        # every experiment, in order
     python -m minivit.experiments pool_lr --list                       # its runs and their state
     python -m minivit.experiments pool_lr --runs DIR --csv-only        # rewrite its CSV from finished runs
+    python -m minivit.experiments all --report                         # tables (Markdown) and figures
 
 Each run is an ordinary `minivit.train` run in RUNS/<run name>. The name says what differs from
 the base run, so a run two experiments share (the base itself) is trained once. The command can
 be stopped at any moment (Ctrl-C, SIGTERM, the end of a session) and started again: finished
 runs are skipped, a run stopped midway resumes from its checkpoint (bit for bit, see train.py).
 After every run the experiment's table, lessons/results/<experiment>.csv, is written again from
-the finished runs' metrics.csv files: one row per run, so the seed spread is in the table.
+the finished runs' metrics.csv files: one row per run, so the seed spread is in the table;
+--report draws lessons/figures/<experiment>.png from it and prints its summary table.
 
 The budget. The paper's ablations are ImageNet runs; on two CPU cores a whole set must fit in
 about 8 hours, i.e. a run takes minutes. The base run: a ViT of 0.3M parameters (D=96, 4 blocks,
@@ -169,6 +171,91 @@ def write_csv(experiment: str, runs: list, runs_dir: Path, results: Path = RESUL
     return path
 
 
+# ============================================================================= reporting
+
+# How each experiment is drawn: the x axis, the column that makes one line each (or None), log x.
+PLOTS = {"pool_lr": ("lr", "pool", True), "pos_embed": ("pos_embed", None, False),
+         "patch_size": ("patch_size", None, False), "data_scale": ("train_images", None, True)}
+
+
+def read_csv(experiment: str, results: Path = RESULTS) -> list[dict]:
+    with open(results / f"{experiment}.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def summary(rows: list[dict]) -> list[dict]:
+    """One row per variant: the mean, lowest and highest test accuracy over its seeds."""
+    columns = list(rows[0])
+    variant_columns = [c for c in columns[:columns.index("params")] if c != "seed"]
+    groups = {}
+    for r in rows:
+        groups.setdefault(tuple(r[c] for c in variant_columns), []).append(r)
+    out = []
+    for key, group in groups.items():
+        acc = [float(r["test_acc"]) for r in group]
+        out.append({**dict(zip(variant_columns, key)), "seeds": len(group),
+                    "test_acc": statistics.mean(acc), "low": min(acc), "high": max(acc),
+                    "seconds_per_epoch": statistics.mean(float(r["seconds_per_epoch"]) for r in group)})
+    return out
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The summary as a Markdown table: accuracy as mean (lowest-highest) over the seeds."""
+    variant_columns = list(rows[0])[:list(rows[0]).index("seeds")]
+    lines = ["| " + " | ".join(variant_columns) + " | test accuracy, mean (range) | seeds | s/epoch |",
+             "|" + "---|" * (len(variant_columns) + 3)]
+    for r in rows:
+        acc = f"{100 * r['test_acc']:.1f}% ({100 * r['low']:.1f}-{100 * r['high']:.1f})"
+        lines.append("| " + " | ".join(str(r[c]) for c in variant_columns)
+                     + f" | {acc} | {r['seeds']} | {r['seconds_per_epoch']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(experiment: str, rows: list[dict], path: Path):
+    """Test accuracy of every run (dots, one per seed) and the mean of each variant (line)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    x_name, line_name, log_x = PLOTS[experiment]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=80)
+    lines = sorted({r[line_name] for r in rows}) if line_name else [None]
+    categorical = not _numeric(rows[0][x_name])
+    order = list(dict.fromkeys(r[x_name] for r in rows))
+    for line in lines:
+        mine = [r for r in rows if line is None or r[line_name] == line]
+        xs = [order.index(r[x_name]) if categorical else float(r[x_name]) for r in mine]
+        ys = [100 * float(r["test_acc"]) for r in mine]
+        dots = ax.scatter(xs, ys, s=14, alpha=0.6)
+        means = {}
+        for x, y in zip(xs, ys):
+            means.setdefault(x, []).append(y)
+        keys = sorted(means)
+        ax.plot(keys, [statistics.mean(means[k]) for k in keys], color=dots.get_facecolor()[0],
+                label=f"{line_name}={line}" if line is not None else "mean over seeds")
+    if categorical:
+        ax.set_xticks(range(len(order)), order)
+    if log_x:
+        ax.set_xscale("log")
+    seeds = len({r["seed"] for r in rows})
+    ax.set(xlabel=x_name, ylabel="test accuracy (%)", title=f"{experiment}: {seeds} seeds, a dot per run")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plt.close(fig)
+    _write_atomically(path, buffer.getvalue())
+
+
+def _numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def _commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
@@ -187,11 +274,23 @@ def main(argv=None) -> int:
     parser.add_argument("--csv-only", action="store_true", help="only rewrite the CSVs from finished runs")
     parser.add_argument("--results", metavar="DIR", default=str(RESULTS),
                         help="where the CSVs go (default: lessons/results of this checkout)")
+    parser.add_argument("--report", action="store_true",
+                        help="print each experiment's table (Markdown) and draw lessons/figures/<experiment>.png")
     parser.add_argument("--log-every", type=int, default=0, metavar="N")
     args = parser.parse_args(argv)
     names = list(EXPERIMENTS) if args.experiment == "all" else [args.experiment]
     plan = {name: EXPERIMENTS[name](tuple(args.seeds)) for name in names}
     runs_dir = Path(args.runs).expanduser() if args.runs else None
+    if args.report:
+        results = Path(args.results)
+        for name in names:
+            if not (results / f"{name}.csv").exists():
+                print(f"{name}: no results yet ({results / name}.csv)")
+                continue
+            rows = read_csv(name, results)
+            plot(name, rows, results.parent / "figures" / f"{name}.png")
+            print(f"### {name}\n\n{markdown_table(summary(rows))}\n")
+        return 0
     if args.list:
         for name, runs in plan.items():
             for run in runs:

@@ -1,0 +1,121 @@
+"""minivit.experiments: run names, shared runs, resumable state and the CSV of finished runs."""
+import csv
+
+import numpy as np
+import pytest
+
+from minivit import experiments as ex
+from minivit.data import CIFAR10
+from minivit.pretrained import parameter_shapes
+
+# A tiny stand-in for the base: 32 x 32 images (the base's size), a 1-block ViT of width 8.
+TINY = {"dim": 8, "depth": 1, "heads": 2, "mlp_dim": 8}
+QUICK = {"epochs": 2, "batch_size": 20, "warmup": 0.5, "limit_train": 40, "limit_test": 20}
+
+
+def synthetic_data():
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 100, (n, 3, 32, 32)) + 15 * labels[:, None, None, None]
+        return images.astype(np.uint8), labels.astype(np.int64)
+    return CIFAR10(*split(40), *split(20), classes=[f"class{k}" for k in range(10)])
+
+
+def test_run_names_say_only_what_differs_from_the_base():
+    runs = ex.pool_lr(seeds=(0, 1))
+    names = [r.name for r in runs]
+    assert len(set(names)) == len(names) == 12
+    assert "pool=cls,seed=0" in names and "lr=0.003,pool=cls,seed=1" in names
+    assert "seed=0" in names                       # mean pooling at lr 1e-3 is the base itself
+    # the base appears in several experiments under the same name, so it is trained once
+    assert "seed=0" in [r.name for r in ex.data_scale(seeds=(0,))]
+    assert "seed=1" in [r.name for r in ex.patch_size(seeds=(1,))]
+
+
+def test_every_variant_is_built_and_differs_as_its_columns_say():
+    for make in ex.EXPERIMENTS.values():
+        try:
+            runs = make(seeds=(0,))
+            built = [r.build() for r in runs]
+        except ValueError as exc:                  # a position embedding this checkout does not have yet
+            pytest.skip(f"{make.__name__}: {exc}")
+        assert len({r.name for r in runs}) == len(runs)
+        for run, (config, recipe) in zip(runs, built):
+            for key, value in run.variant.items():
+                if key == "train_images":
+                    assert recipe.limit_train == value
+                elif key == "tokens":
+                    assert config.num_tokens == value
+                elif hasattr(config, key) and key in run.config:
+                    assert getattr(config, key) == value
+                elif hasattr(recipe, key):
+                    assert getattr(recipe, key) == value
+
+
+def test_data_scale_runs_cost_the_same_number_of_images_and_warmup_steps():
+    for run in ex.data_scale(seeds=(0,)):
+        _, recipe = run.build()
+        assert recipe.limit_train * recipe.epochs == 100_000
+        assert recipe.limit_train * recipe.warmup == pytest.approx(20_000)
+
+
+def test_a_run_trains_once_resumes_state_and_fills_the_csv(tmp_path):
+    data = synthetic_data()
+    runs = [ex.Run("tiny", {"pool": pool, "seed": 0}, {**TINY, "pool": pool}, {**QUICK, "seed": 0})
+            for pool in ("cls", "mean")]
+    runs_dir, results = tmp_path / "runs", tmp_path / "results"
+    results.mkdir()
+    assert [ex.state(r, runs_dir) for r in runs] == ["new", "new"]
+    assert ex.write_csv("tiny", runs, runs_dir, results) is None          # nothing finished: no file
+    result = ex.execute(runs[0], data, runs_dir)
+    assert result.status == "finished" and len(result.history) == 2
+    assert [ex.state(r, runs_dir) for r in runs] == ["finished", "new"]
+    assert ex.execute(runs[0], data, runs_dir) is None                   # finished runs are skipped
+    path = ex.write_csv("tiny", runs, runs_dir, results)
+    rows = list(csv.DictReader(open(path)))
+    assert len(rows) == 1                                                 # only finished runs are rows
+    row = rows[0]
+    assert (row["pool"], row["seed"], row["run"]) == ("cls", "0", runs[0].name)
+    config, _ = runs[0].build()
+    assert int(row["params"]) == sum(int(np.prod(s)) for s in parameter_shapes(config).values())
+    assert float(row["test_acc"]) == pytest.approx(result.history[-1]["test_acc"], abs=1e-4)
+    assert (row["train_images"], row["epochs"], row["test_images"]) == ("40", "2", "20")
+
+
+def test_report_summarises_seeds_and_draws_the_figure(tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "pool_lr.csv").write_text(
+        "pool,lr,seed,params,test_acc,seconds_per_epoch\n"
+        "cls,0.001,0,10,0.50,60\ncls,0.001,1,10,0.54,62\nmean,0.001,0,10,0.60,61\n")
+    summary = ex.summary(ex.read_csv("pool_lr", results))
+    assert [(s["pool"], s["seeds"]) for s in summary] == [("cls", 2), ("mean", 1)]
+    assert summary[0]["test_acc"] == pytest.approx(0.52) and (summary[0]["low"], summary[0]["high"]) == (0.50, 0.54)
+    assert ex.main(["pool_lr", "--report", "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "| cls | 0.001 | 52.0% (50.0-54.0) | 2 | 61 |" in out
+    assert (tmp_path / "figures" / "pool_lr.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_run_with_a_checkpoint_but_short_metrics_is_resumed_not_restarted(tmp_path):
+    data = synthetic_data()
+    run = ex.Run("tiny", {"seed": 0}, TINY, {**QUICK, "seed": 0})
+    runs_dir = tmp_path / "runs"
+    ex.execute(run, data, runs_dir)
+    weights = (runs_dir / run.name / "checkpoint.npz").read_bytes()
+    # as if killed while writing metrics.csv: the checkpoint holds more than the table
+    (runs_dir / run.name / "metrics.csv").write_text("epoch\n1\n")
+    assert ex.state(run, runs_dir) == "started"
+    result = ex.execute(run, data, runs_dir)          # resume=True: a restart would refuse the full directory
+    assert result.status == "already finished"
+    assert ex.state(run, runs_dir) == "finished"      # train's resume rewrote metrics.csv from the checkpoint
+    assert (runs_dir / run.name / "checkpoint.npz").read_bytes() == weights
+
+
+def test_list_runs_nothing(capsys, tmp_path):
+    assert ex.main(["pool_lr", "--list", "--runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("pool_lr") == 12 and "new" in out
+    assert not any(tmp_path.iterdir())
