@@ -14,7 +14,16 @@ from dataclasses import dataclass
 import numpy as np
 
 POOLS = ("cls", "mean")
-POS_EMBEDS = ("learned", "sincos2d", "none")
+# "learned": one learned vector per token (1, N, D), the paper's default.
+# "learned2d": a learned row and column embedding (D/2 each) concatenated per patch, plus the
+#     [CLS] token's own learned position (the paper's App. D.4, "2-dimensional embedding").
+# "sincos2d": fixed 2-D sine-cosine embeddings (MoCo v3, MAE; zero for [CLS]).
+# "relative": no absolute position at all; every block's attention adds a learned per-head bias
+#     for each 2-D offset between query and key patch (BEiT's relative position bias).
+# "none": no position information (the patches are a set).
+POS_EMBEDS = ("learned", "learned2d", "sincos2d", "relative", "none")
+# The absolute ones: a table (1, N, D) added to the tokens (pos_every_block adds it again later).
+ABSOLUTE_POS_EMBEDS = ("learned", "learned2d", "sincos2d")
 GELUS = ("exact", "tanh")
 INITS = ("timm", "mimetic")
 # No size of a model can exceed this (2**31 - 1): far beyond any ViT, and it keeps absurd
@@ -35,7 +44,9 @@ class ViTConfig:
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
     pool: str = "cls"            # "cls": the [CLS] token's output; "mean": mean of the patch tokens
-    pos_embed: str = "learned"   # "learned" | "sincos2d" (fixed) | "none"
+    pos_embed: str = "learned"   # "learned" | "learned2d" | "sincos2d" (fixed) | "relative" | "none"
+    pos_every_block: bool = False  # True: the absolute table is added at the input of every block, not
+                                 # only after the patch embedding (the paper's App. D.4, shared between layers)
     dropout: float = 0.0         # after position embedding, attn.proj and in the MLP
     attn_dropout: float = 0.0    # on the attention probabilities
     drop_path: float = 0.0       # stochastic depth rate of the last block (linear from 0)
@@ -100,6 +111,14 @@ class ViTConfig:
         _check_choice("init", self.init, INITS)
         if self.pos_embed == "sincos2d" and self.dim % 4:
             raise ValueError(f"pos_embed='sincos2d' needs dim divisible by 4, got dim={self.dim}")
+        if self.pos_embed == "learned2d" and self.dim % 2:
+            raise ValueError(f"pos_embed='learned2d' needs an even dim (a row and a column embedding of "
+                             f"dim/2 each), got dim={self.dim}")
+        if not isinstance(self.pos_every_block, bool):
+            raise ValueError(f"ViTConfig.pos_every_block must be True or False, got {self.pos_every_block!r}")
+        if self.pos_every_block and self.pos_embed not in ABSOLUTE_POS_EMBEDS:
+            raise ValueError(f"pos_every_block=True adds an absolute position table at every block, but "
+                             f"pos_embed={self.pos_embed!r} has none; use one of {ABSOLUTE_POS_EMBEDS}")
         if not isinstance(self.qkv_bias, bool):
             raise ValueError(f"ViTConfig.qkv_bias must be True or False, got {self.qkv_bias!r}")
         if isinstance(self.ln_eps, bool) or not isinstance(self.ln_eps, (int, float)) or not 0 < self.ln_eps <= 1:

@@ -71,8 +71,14 @@ from .ops import (  # noqa: F401  (re-exported: fastops offers every op of ops.p
     patchify_forward,
     pool_backward,
     pool_forward,
+    pos2d_backward,
+    pos2d_forward,
+    rel_pos_bias_backward,
+    rel_pos_bias_forward,
+    relative_position_index,
     sincos_2d_pos_embed,
 )
+from .ops import _check_attn_bias
 
 # ----------------------------------------------------------------------------- threads and blocks
 
@@ -479,13 +485,13 @@ def _key_sum(att):
     return (ones @ att.reshape(b, N, -1)).reshape(b, 1, *att.shape[2:])    # (b, 1, H, Nq)
 
 
-def _attention_kernel(qkv5, att, mask, att_d, y, qkv_b5, scale):
-    """One block of images: qkv bias, scores, softmax over the keys, dropout, att @ v.
+def _attention_kernel(qkv5, att, mask, att_d, y, qkv_b5, scale, bias_kf):
+    """One block of images: qkv bias, scores, attention bias, softmax over the keys, dropout, att @ v.
 
     qkv5 (b, N, 3, H, hs) holds x @ qkv_w^T; here the bias qkv_b5 (3, H, hs) is added and
     q scaled by 1/sqrt(hs), in place (the backward pass reads them so).
     att, att_d and mask are (b, Nk, H, Nq), keys first; y (b, N, D) gets the output with
-    the heads side by side.
+    the heads side by side. bias_kf (Nk, H, Nq) is the attention bias, keys first, or None.
     """
     xp = get_array_module(att)
     b, N, _, H, hs = qkv5.shape
@@ -494,6 +500,8 @@ def _attention_kernel(qkv5, att, mask, att_d, y, qkv_b5, scale):
     qkv5[:, :, 0] *= scale
     q, k, v = _heads(qkv5, 0), _heads(qkv5, 1), _heads(qkv5, 2)     # each (b, H, N, hs)
     xp.matmul(k, q.swapaxes(-1, -2), out=_by_head(att))             # scores^T (b, H, Nk, Nq)
+    if bias_kf is not None:
+        att += bias_kf                              # (b, Nk, H, Nq), added while the block is in cache
     att -= att.max(axis=1, keepdims=True)           # the max subtraction keeps exp() finite
     xp.exp(att, out=att)
     att /= _key_sum(att)                            # softmax over the keys
@@ -505,14 +513,20 @@ def _attention_kernel(qkv5, att, mask, att_d, y, qkv_b5, scale):
     xp.matmul(_by_head(att_d).swapaxes(-1, -2), v, out=y.reshape(b, N, H, hs).transpose(0, 2, 1, 3))
 
 
-def attention_forward(x, qkv_w, qkv_b, proj_w, proj_b, heads, attn_mask=None):
+def attention_forward(x, qkv_w, qkv_b, proj_w, proj_b, heads, attn_mask=None, attn_bias=None):
     """Multi-head self-attention with a fused qkv projection in timm's layout (as ops.py).
-    attn_mask, the dropout mask on the probabilities, is (B, H, N, N) as in ops.py."""
+    attn_mask, the dropout mask on the probabilities, is (B, H, N, N) as in ops.py; attn_bias
+    (H, N, N), added to the scaled scores, too (attention_backward then returns its gradient
+    as a sixth value)."""
     xp = get_array_module(x)
     B, N, D = x.shape
     H = heads
     hs = D // H
     scale = hs**-0.5
+    _check_attn_bias(attn_bias, H, N)
+    # The bias in the keys-first layout of att, made contiguous once (H*N*N values, tiny next to
+    # the scores), so that each block adds it with one broadcast add.
+    bias_kf = None if attn_bias is None else xp.ascontiguousarray(attn_bias.transpose(2, 0, 1))  # (Nk, H, Nq)
     qkv, qkv_cache = linear_forward(x, qkv_w)                       # (B, N, 3D); bias added per block
     qkv5 = qkv.reshape(B, N, 3, H, hs)                              # a view: no transpose, no copy
     qkv_b5 = None if qkv_b is None else qkv_b.reshape(3, H, hs)
@@ -522,15 +536,17 @@ def attention_forward(x, qkv_w, qkv_b, proj_w, proj_b, heads, attn_mask=None):
         mask = xp.broadcast_to(attn_mask, (B, H, N, N)).transpose(0, 3, 1, 2)   # (B, Nk, H, Nq) view
         att_d = xp.empty(att.shape, xp.result_type(att, attn_mask))
     y = xp.empty((B, N, D), qkv.dtype)
-    _blockwise(lambda *a: _attention_kernel(*a, qkv_b5, scale), [qkv5, att, mask, att_d, y],
+    _blockwise(lambda *a: _attention_kernel(*a, qkv_b5, scale, bias_kf), [qkv5, att, mask, att_d, y],
                H * N * N * att.itemsize)
     out, proj_cache = linear_forward(y, proj_w, proj_b)             # (B, N, D)
-    cache = (qkv_cache, qkv_b is not None, qkv5, att, mask, att_d, proj_cache, scale)
+    cache = (qkv_cache, qkv_b is not None, qkv5, att, mask, att_d, proj_cache, scale, attn_bias is not None)
     return out, cache
 
 
-def _attention_backward_kernel(dy, qkv5, att, mask, att_d, dqkv5, scale):
-    """One block of images: from dy (b, N, D) to dq, dk, dv written into dqkv5 (b, N, 3, H, hs)."""
+def _attention_backward_kernel(dy, qkv5, att, mask, att_d, dqkv5, scale, has_bias):
+    """One block of images: from dy (b, N, D) to dq, dk, dv written into dqkv5 (b, N, 3, H, hs).
+    Returns this block's sum over its images of the score gradients (Nk, H, Nq) when the
+    forward pass added an attention bias, else None."""
     xp = get_array_module(dy)
     b, N, _, H, hs = qkv5.shape
     q, k, v = _heads(qkv5, 0), _heads(qkv5, 1), _heads(qkv5, 2)     # q is q / sqrt(hs)
@@ -547,10 +563,13 @@ def _attention_backward_kernel(dy, qkv5, att, mask, att_d, dqkv5, scale):
     t = xp.multiply(datt, att, out=_scratch(att, 1))
     datt -= _key_sum(t)
     datt *= att                                                     # ds^T, keys first
+    # forward: s += bias (the same for every image)  =>  dbias = sum of ds over the images
+    dbias_kf = datt.sum(axis=0) if has_bias else None               # (Nk, H, Nq), before datt is reused
     # forward: s = (q / sqrt(hs)) @ k^T  =>  dq = ds @ k / sqrt(hs), dk = ds^T @ (q / sqrt(hs))
     xp.matmul(_by_head(datt).swapaxes(-1, -2), k, out=dq)           # (Nq, Nk) @ (Nk, hs)
     dq *= scale
     xp.matmul(_by_head(datt), q, out=dk)                            # (Nk, Nq) @ (Nq, hs)
+    return dbias_kf
 
 
 def attention_probs(cache):
@@ -561,18 +580,25 @@ def attention_probs(cache):
 
 
 def attention_backward(dout, cache):
-    """Returns (dx, dqkv_w, dqkv_b, dproj_w, dproj_b)."""
+    """Returns (dx, dqkv_w, dqkv_b, dproj_w, dproj_b), and dattn_bias (H, N, N) as a sixth
+    value when the forward pass was given an attn_bias (as ops.py)."""
     xp = get_array_module(dout)
-    qkv_cache, has_qkv_bias, qkv5, att, mask, att_d, proj_cache, scale = cache
+    qkv_cache, has_qkv_bias, qkv5, att, mask, att_d, proj_cache, scale, has_bias = cache
     B, N, _, H, hs = qkv5.shape
     dy, dproj_w, dproj_b = linear_backward(dout, proj_cache)        # (B, N, D)
     dqkv5 = xp.empty(qkv5.shape, xp.result_type(dy, qkv5))          # (B, N, 3, H, hs)
-    _blockwise(lambda *a: _attention_backward_kernel(*a, scale), [dy, qkv5, att, mask, att_d, dqkv5],
-               H * N * N * att.itemsize)
+    parts = _blockwise(lambda *a: _attention_backward_kernel(*a, scale, has_bias),
+                       [dy, qkv5, att, mask, att_d, dqkv5], H * N * N * att.itemsize)
     # forward: qkv = x @ qkv_w^T + qkv_b; dq, dk, dv already sit in qkv's (B, N, 3D) layout
     dqkv = dqkv5.reshape(B, N, 3 * H * hs)
     dqkv_b = _column_sum(dqkv) if has_qkv_bias else None
     dx, dqkv_w, _ = linear_backward(dqkv, qkv_cache)
+    if has_bias:
+        dbias_kf = parts[0]
+        for part in parts[1:]:                                      # add up the blocks' sums
+            dbias_kf = dbias_kf + part
+        dbias = xp.ascontiguousarray(dbias_kf.transpose(1, 2, 0))   # (H, Nq, Nk), as ops.py gives it
+        return dx, dqkv_w, dqkv_b, dproj_w, dproj_b, dbias
     return dx, dqkv_w, dqkv_b, dproj_w, dproj_b
 
 

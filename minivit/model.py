@@ -4,6 +4,8 @@
       -> patch_embed       (B, G*G, D)   cut into P x P patches, one linear map each
       -> [CLS] + pos_embed (B, N, D)     N = G*G + 1
       -> blocks x depth    (B, N, D)     pre-norm attention + MLP, with residuals
+                                         (pos_every_block: the position table added again before
+                                         each; pos_embed="relative": a bias in each attention)
       -> norm, pool        (B, D)        the [CLS] token, or the mean of the patch tokens
       -> head              (B, K)        logits
 
@@ -45,6 +47,10 @@ def _noisy_identity_factors(rng: np.random.Generator, D: int, alpha: float, beta
     return u * np.sqrt(s), np.sqrt(s)[:, None] * vt               # (D, D), (D, D)
 
 
+# The learned absolute position parameters (pos_embed="learned" and "learned2d").
+POS_PARAMETERS = ("pos_embed", "pos_embed_row", "pos_embed_col", "pos_embed_cls")
+
+
 class ViT(Module):
     """A Vision Transformer with timm's parameter names.
 
@@ -63,14 +69,21 @@ class ViT(Module):
         D = cfg.dim
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D)
         self.cls_token = Parameter(np.zeros((1, 1, D), np.float32))
+        G = cfg.grid_size
         if cfg.pos_embed == "learned":
             self.pos_embed = Parameter(np.zeros((1, cfg.num_tokens, D), np.float32))
+        elif cfg.pos_embed == "learned2d":  # the table is built from these by ops.pos2d_forward
+            self.pos_embed_row = Parameter(np.zeros((G, D // 2), np.float32))     # (G, D/2), Y
+            self.pos_embed_col = Parameter(np.zeros((G, D // 2), np.float32))     # (G, D/2), X
+            self.pos_embed_cls = Parameter(np.zeros((1, 1, D), np.float32))       # [CLS]'s own position
         elif cfg.pos_embed == "sincos2d":   # fixed, not trained: a buffer, not a Parameter
-            self.pos_table = get_ops().sincos_2d_pos_embed(D, cfg.grid_size)
+            self.pos_table = get_ops().sincos_2d_pos_embed(D, G)
+        # "relative": no table here; each block's attention gets its own bias table
+        rel_pos_grid = G if cfg.pos_embed == "relative" else None
         rates = np.linspace(0.0, cfg.drop_path, cfg.depth) if cfg.depth > 1 else [cfg.drop_path]
         self.blocks = [
             Block(D, cfg.heads, cfg.hidden_dim, cfg.qkv_bias, cfg.dropout, cfg.attn_dropout, float(rate),
-                  cfg.gelu, cfg.ln_eps, self.rng)
+                  cfg.gelu, cfg.ln_eps, self.rng, rel_pos_grid)
             for rate in rates   # stochastic depth grows linearly with depth, as in timm
         ]
         self.norm = LayerNorm(D, cfg.ln_eps)
@@ -80,14 +93,18 @@ class ViT(Module):
 
     def init_weights(self, rng: np.random.Generator):
         """timm's scheme: truncated normal (std .02) for every weight matrix, the patch
-        embedding and pos_embed; zero biases; LayerNorm scale 1 and shift 0; the [CLS]
-        token normal with std 1e-6 (timm), i.e. it starts near zero. With config.init == "mimetic"
-        the attention weights are then drawn again, see _mimetic_attention."""
+        embedding and pos_embed (and the learned2d row, column and [CLS] positions); zero
+        biases; LayerNorm scale 1 and shift 0; the [CLS] token normal with std 1e-6 (timm),
+        i.e. it starts near zero; relative position bias tables zero, as BEiT and timm's beit.py
+        start them (every offset equally likely at first; Swin draws them with std .02 instead).
+        With config.init == "mimetic" the attention weights are then drawn again, see _mimetic_attention."""
         for name, p in self.named_parameters():
             xp = get_array_module(p.data)
             if name == "cls_token":
                 value = (rng.standard_normal(p.shape) * 1e-6).astype(np.float32)
-            elif name == "pos_embed" or (name.endswith(".weight") and p.data.ndim >= 2):
+            elif name.endswith("relative_position_bias_table"):
+                value = np.zeros(p.shape, np.float32)
+            elif name in POS_PARAMETERS or (name.endswith(".weight") and p.data.ndim >= 2):
                 value = trunc_normal(rng, p.shape, 0.02)
             elif name.endswith(".weight"):          # LayerNorm scale
                 value = np.ones(p.shape, np.float32)
@@ -153,16 +170,33 @@ class ViT(Module):
         for block in self.blocks:
             block.attn.keep_attention = keep_attention
         x = self.patch_embed(x)                                         # (B, G*G, D)
-        pos = getattr(self, "pos_embed", None)
-        pos = pos.data if isinstance(pos, Parameter) else getattr(self, "pos_table", None)
-        x, pos_cache = ops.cls_pos_forward(x, self.cls_token.data, pos)  # (B, N, D)
+        pos, table_cache = self.position_table()                        # (1, N, D) or None
+        x, cls_pos_cache = ops.cls_pos_forward(x, self.cls_token.data, pos)  # (B, N, D)
         x, drop_cache = ops.dropout_forward(x, self._dropout_mask(x.shape, self.config.dropout, x))
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            if i > 0 and self.config.pos_every_block:
+                x = x + pos                                             # (B, N, D), the same table again
             x = block(x)                                                # (B, N, D)
         x = self.norm(x)                                                # (B, N, D)
         x, pool_cache = ops.pool_forward(x, self.config.pool)           # (B, D)
-        self._cache = (pos_cache, drop_cache, pool_cache, x.shape, False)
+        self._cache = ((cls_pos_cache, table_cache), drop_cache, pool_cache, x.shape, False)
         return x
+
+    def position_table(self):
+        """The absolute position embeddings (1, N, D) added to the tokens, and the cache that
+        backward needs to reach the parameters behind them; (None, None) for pos_embed "relative"
+        and "none". With pos_every_block the same table is added before every block (block 0's
+        addition is the usual one after the patch embedding): the paper's App. D.4 variant with
+        the embedding shared between layers."""
+        kind = self.config.pos_embed
+        if kind == "learned":
+            return self.pos_embed.data, None
+        if kind == "learned2d":
+            return get_ops().pos2d_forward(self.pos_embed_row.data, self.pos_embed_col.data,
+                                           self.pos_embed_cls.data)      # (1, N, D)
+        if kind == "sincos2d":
+            return self.pos_table, None
+        return None, None
 
     def backward(self, dout):
         pos_cache, drop_cache, pool_cache, out_shape, through_head = self._check_cache(self._cache)
@@ -177,13 +211,28 @@ class ViT(Module):
         dx = self.head.backward(dout) if through_head else dout         # (B, D)
         dx = ops.pool_backward(dx, pool_cache)                          # (B, N, D)
         dx = self.norm.backward(dx)                                     # (B, N, D)
-        for block in reversed(self.blocks):
-            dx = block.backward(dx)                                     # (B, N, D)
+        cls_pos_cache, table_cache = pos_cache
+        learned = self.config.pos_embed in ("learned", "learned2d")     # a table with parameters behind it
+        dpos_blocks = None                                              # what the later additions add to dpos
+        for i in reversed(range(len(self.blocks))):
+            dx = self.blocks[i].backward(dx)                            # (B, N, D)
+            if i > 0 and self.config.pos_every_block and learned:
+                # forward: x = x + pos (broadcast over the batch)  =>  dx passes on, dpos gets the batch sum
+                part = dx.sum(axis=0, keepdims=True)                    # (1, N, D)
+                dpos_blocks = part if dpos_blocks is None else dpos_blocks + part
         dx = ops.dropout_backward(dx, drop_cache)
-        dx, dcls, dpos = ops.cls_pos_backward(dx, pos_cache)            # (B, G*G, D)
+        dx, dcls, dpos = ops.cls_pos_backward(dx, cls_pos_cache)        # (B, G*G, D), (1, 1, D), (1, N, D)
         self.cls_token.accumulate(dcls)
-        if isinstance(getattr(self, "pos_embed", None), Parameter):
+        if dpos_blocks is not None:
+            dpos = dpos + dpos_blocks   # one table used in several places: the sum of their gradients
+        if self.config.pos_embed == "learned":
             self.pos_embed.accumulate(dpos)
+        elif self.config.pos_embed == "learned2d":
+            # forward: pos = pos2d(pos_embed_row, pos_embed_col, pos_embed_cls)
+            drow, dcol, dcls_pos = ops.pos2d_backward(dpos, table_cache)
+            self.pos_embed_row.accumulate(drow)
+            self.pos_embed_col.accumulate(dcol)
+            self.pos_embed_cls.accumulate(dcls_pos)
         return self.patch_embed.backward(dx)                            # (B, C, S, S)
 
     def attention_maps(self) -> list:

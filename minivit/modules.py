@@ -154,7 +154,8 @@ class Module:
         dtype = np.dtype(dtype)
         if dtype.type not in FLOAT_DTYPES:
             raise TypeError(f"astype: dtype must be float32 or float64, got {dtype}")
-        return self._map_arrays(lambda a: a.astype(dtype))
+        # Only float arrays: an integer buffer (a relative_position_index) stays an index.
+        return self._map_arrays(lambda a: a.astype(dtype) if a.dtype.kind == "f" else a)
 
     def clear_cache(self):
         """Drop what the last forward pass kept for backward, here and below (frees its memory)."""
@@ -288,12 +289,23 @@ class PatchEmbed(Module):
 
 
 class Attention(Module):
-    """Multi-head self-attention: fused qkv projection, softmax(q k^T / sqrt(hs)) v, output projection."""
+    """Multi-head self-attention: fused qkv projection, softmax(q k^T / sqrt(hs) + bias) v, output
+    projection. With rel_pos_grid=G the bias is a learned relative position bias (BEiT): one
+    number per head for each 2-D offset between a query and a key patch (a table of
+    (2G-1)^2 + 3 rows, the 3 for [CLS]), looked up through the fixed relative_position_index;
+    without it there is no bias."""
 
-    def __init__(self, dim, heads, qkv_bias=True, attn_drop=0.0, proj_drop=0.0, rng=None):
+    def __init__(self, dim, heads, qkv_bias=True, attn_drop=0.0, proj_drop=0.0, rng=None, rel_pos_grid=None):
         self.heads = heads
         self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = Linear(dim, dim)
+        self.relative_position_bias_table = None
+        self.relative_position_index = None
+        if rel_pos_grid is not None:
+            rows = (2 * rel_pos_grid - 1) ** 2 + 3
+            self.relative_position_bias_table = Parameter(np.zeros((rows, heads), np.float32))   # (T, H)
+            # fixed, not trained: an integer buffer, not a Parameter (timm registers it as a buffer)
+            self.relative_position_index = reference_ops.relative_position_index(rel_pos_grid)   # (N, N)
         self.attn_drop = attn_drop
         self.proj_drop = proj_drop
         self.rng = rng
@@ -305,21 +317,29 @@ class Attention(Module):
         B, N, _ = x.shape
         attn_mask = self._dropout_mask((B, self.heads, N, N), self.attn_drop, x)
         qkv_b = None if self.qkv.bias is None else self.qkv.bias.data
+        bias = bias_cache = None
+        if self.relative_position_bias_table is not None:
+            bias, bias_cache = OPS.rel_pos_bias_forward(self.relative_position_bias_table.data,
+                                                        self.relative_position_index)    # (H, N, N)
         out, attn_cache = OPS.attention_forward(
-            x, self.qkv.weight.data, qkv_b, self.proj.weight.data, self.proj.bias.data, self.heads, attn_mask
+            x, self.qkv.weight.data, qkv_b, self.proj.weight.data, self.proj.bias.data, self.heads, attn_mask, bias
         )                                                                 # (B, N, D)
         # a copy, so that it stays what this pass computed whatever later passes do to their buffers
         self.attention = OPS.attention_probs(attn_cache).copy() if self.keep_attention else None
         out, drop_cache = OPS.dropout_forward(out, self._dropout_mask(out.shape, self.proj_drop, x))
-        self._cache = (attn_cache, drop_cache)
+        self._cache = (attn_cache, drop_cache, bias_cache)
         self._cache_ops = get_ops_kind()
         return out
 
     def backward(self, dout):
-        attn_cache, drop_cache = self._check_cache(self._cache)
+        attn_cache, drop_cache, bias_cache = self._check_cache(self._cache)
         self._cache = None
         dout = OPS.dropout_backward(dout, drop_cache)
-        dx, dqkv_w, dqkv_b, dproj_w, dproj_b = OPS.attention_backward(dout, attn_cache)
+        grads = OPS.attention_backward(dout, attn_cache)
+        dx, dqkv_w, dqkv_b, dproj_w, dproj_b = grads[:5]
+        if bias_cache is not None:
+            # forward: bias = table[index]  =>  each table entry gathers the gradients of its pairs
+            self.relative_position_bias_table.accumulate(OPS.rel_pos_bias_backward(grads[5], bias_cache))
         self.qkv.weight.accumulate(dqkv_w)
         if self.qkv.bias is not None:
             self.qkv.bias.accumulate(dqkv_b)
@@ -367,9 +387,9 @@ class Block(Module):
     drop_path drops a whole residual branch for some samples (stochastic depth)."""
 
     def __init__(self, dim, heads, hidden, qkv_bias=True, drop=0.0, attn_drop=0.0, drop_path=0.0,
-                 gelu="exact", eps=1e-6, rng=None):
+                 gelu="exact", eps=1e-6, rng=None, rel_pos_grid=None):
         self.norm1 = LayerNorm(dim, eps)
-        self.attn = Attention(dim, heads, qkv_bias, attn_drop, drop, rng)
+        self.attn = Attention(dim, heads, qkv_bias, attn_drop, drop, rng, rel_pos_grid)
         self.norm2 = LayerNorm(dim, eps)
         self.mlp = Mlp(dim, hidden, gelu, drop, rng)
         self.drop_path = drop_path

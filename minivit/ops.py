@@ -121,6 +121,104 @@ def sincos_2d_pos_embed(dim, grid_size, xp=np, dtype=np.float32):
     return xp.asarray(table.astype(dtype))
 
 
+def pos2d_forward(row, col, cls_pos):
+    """Learned 2-D position embeddings (the paper's App. D.4): a table (1, N, D) built from a
+    row embedding and a column embedding of D/2 channels each, plus [CLS]'s own position.
+
+    row (G, D/2): one vector per patch row (the Y embedding); col (G, D/2): one per patch column
+    (the X embedding); cls_pos (1, 1, D): [CLS] has no place in the grid, so it gets a vector of
+    its own. Patch (i, j) (row i, column j) is token 1 + i*G + j, the row-major order of
+    patchify_forward and sincos_2d_pos_embed, and gets concat(col[j], row[i]): X first, then Y,
+    as the paper words it and as sincos_2d_pos_embed orders its sines of x before those of y.
+    Only 2*G*D/2 + D numbers instead of N*D: the table cannot say anything about a patch that is
+    not the sum of what its row and its column say.
+    """
+    xp = get_array_module(row)
+    if row.ndim != 2 or col.shape != row.shape or cls_pos.shape != (1, 1, 2 * row.shape[1]):
+        raise ValueError(f"pos2d_forward expects row and col (G, D/2) and cls_pos (1, 1, D), got "
+                         f"{tuple(row.shape)}, {tuple(col.shape)} and {tuple(cls_pos.shape)}")
+    G, half = row.shape
+    cols = xp.broadcast_to(col[None, :, :], (G, G, half))          # (G, G, D/2), [i, j] = col[j]
+    rows = xp.broadcast_to(row[:, None, :], (G, G, half))          # (G, G, D/2), [i, j] = row[i]
+    grid = xp.concatenate([cols, rows], axis=-1)                    # (G, G, D)
+    grid = grid.reshape(1, G * G, 2 * half)                         # (1, G*G, D), row-major
+    pos = xp.concatenate([cls_pos, grid], axis=1)                   # (1, N, D)
+    return pos, (G, half)
+
+
+def pos2d_backward(dpos, cache):
+    """Returns (drow, dcol, dcls_pos) from dpos (1, N, D)."""
+    G, half = cache
+    # forward: pos = concatenate([cls_pos, grid], axis=1)  =>  split the gradient the same way
+    dcls_pos = dpos[:, :1].copy()                                   # (1, 1, D), a fresh array like every grad
+    dgrid = dpos[0, 1:].reshape(G, G, 2 * half)                     # (G, G, D)
+    # forward: grid = concatenate([cols, rows], axis=-1)  =>  first half to col, second to row;
+    # forward: cols = broadcast of col[j] to every row i  =>  sum over the rows i (axis 0)
+    dcol = dgrid[:, :, :half].sum(axis=0)                           # (G, D/2)
+    # forward: rows = broadcast of row[i] to every column j  =>  sum over the columns j (axis 1)
+    drow = dgrid[:, :, half:].sum(axis=1)                           # (G, D/2)
+    return drow, dcol, dcls_pos
+
+
+# ----------------------------------------------------------------------------- relative position bias
+
+def relative_position_index(grid_size):
+    """For every (query token, key token) pair, the row of BEiT's relative position bias table
+    that holds its bias: an (N, N) integer array, N = 1 + G*G, [CLS] first.
+
+    Patch p = i*G + j sits at row i, column j. Between query patch (i, j) and key patch (i2, j2)
+    the offset is (dy, dx) = (i - i2, j - j2), each in [-(G-1), G-1]: 2G-1 values per axis.
+    Shifted by G-1 into [0, 2G-2], the pair is numbered row-major in a (2G-1) x (2G-1) grid,
+        index = (dy + G - 1) * (2G - 1) + (dx + G - 1),
+    so every pair of patches with the same offset shares one entry, wherever it is in the image
+    (translation equivariance). The last three rows are for [CLS], which has no place:
+        T-3  [CLS] query -> any patch key,  T-2  patch query -> [CLS] key,  T-1  [CLS] -> [CLS],
+    with T = (2G-1)^2 + 3 rows in all, as in BEiT (timm's beit.py gen_relative_position_index).
+    """
+    if isinstance(grid_size, bool) or not isinstance(grid_size, (int, np.integer)) or grid_size <= 0:
+        raise ValueError(f"grid_size must be a positive integer (patches per side), got {grid_size!r}")
+    G = int(grid_size)
+    width = 2 * G - 1                                               # offsets per axis
+    T = width * width + 3                                           # rows of the table
+    gy, gx = np.meshgrid(np.arange(G), np.arange(G), indexing="ij")
+    gy, gx = gy.reshape(-1), gx.reshape(-1)                         # (G*G,) row and column of each patch
+    dy = gy[:, None] - gy[None, :]                                  # (G*G, G*G), query row - key row
+    dx = gx[:, None] - gx[None, :]                                  # (G*G, G*G), query col - key col
+    index = np.empty((G * G + 1, G * G + 1), np.int64)              # (N, N)
+    index[1:, 1:] = (dy + G - 1) * width + (dx + G - 1)
+    index[0, :] = T - 3                                             # [CLS] query -> patches
+    index[:, 0] = T - 2                                             # patch queries -> [CLS]
+    index[0, 0] = T - 1                                             # [CLS] -> [CLS]
+    return index
+
+
+def rel_pos_bias_forward(table, index):
+    """Look up each (query, key) pair's bias: table (T, H), index (N, N) ints -> bias (H, N, N)."""
+    if table.ndim != 2 or index.ndim != 2 or index.shape[0] != index.shape[1]:
+        raise ValueError(f"rel_pos_bias_forward expects table (T, H) and index (N, N), got "
+                         f"{tuple(table.shape)} and {tuple(index.shape)}")
+    bias = table[index]                                             # (N, N, H)
+    bias = bias.transpose(2, 0, 1)                                  # (H, N, N), one map per head
+    return bias, (index, table.shape[0])
+
+
+def rel_pos_bias_backward(dbias, cache):
+    """Returns dtable (T, H): each table entry gets the SUM of the gradients of every (query, key)
+    pair that reads it. Many pairs share an offset (the G*G pairs of a patch with itself all read
+    offset (0, 0)), so assigning dtable[index] = dbias would keep only one of them: a scatter-ADD.
+    A weighted bincount per head is that scatter-add (np.add.at is the other spelling; bincount
+    exists in CuPy too and is much faster in NumPy)."""
+    index, T = cache
+    xp = get_array_module(dbias)
+    H = dbias.shape[0]
+    flat = index.reshape(-1)                                        # (N*N,) table row of each pair
+    # forward: bias[h, q, k] = table[index[q, k], h]  =>  dtable[t, h] = sum over pairs with index t
+    dtable = xp.empty((T, H), dbias.dtype)                          # (T, H)
+    for h in range(H):
+        dtable[:, h] = xp.bincount(flat, weights=dbias[h].reshape(-1), minlength=T)
+    return dtable
+
+
 # ----------------------------------------------------------------------------- LayerNorm
 
 def layernorm_forward(x, w, b, eps=1e-6):
@@ -243,16 +341,20 @@ def dropout_backward(dout, cache):
 
 # ----------------------------------------------------------------------------- self-attention
 
-def attention_forward(x, qkv_w, qkv_b, proj_w, proj_b, heads, attn_mask=None):
+def attention_forward(x, qkv_w, qkv_b, proj_w, proj_b, heads, attn_mask=None, attn_bias=None):
     """Multi-head self-attention with a fused qkv projection in timm's layout.
 
     x (B, N, D) -> (B, N, D). qkv_w (3D, D) stacks the q, k and v projections, each
     ordered head by head, so qkv splits with reshape(B, N, 3, H, hs). attn_mask is an
-    optional dropout mask (B, H, N, N) on the attention probabilities.
+    optional dropout mask (B, H, N, N) on the attention probabilities. attn_bias is an
+    optional (H, N, N) added to the scaled scores before the softmax, the same for every
+    image (a relative position bias, see rel_pos_bias_forward); attention_backward then
+    returns its gradient as a sixth value.
     """
     B, N, D = x.shape
     H = heads
     hs = D // H
+    _check_attn_bias(attn_bias, H, N)
     qkv, qkv_cache = linear_forward(x, qkv_w, qkv_b)           # (B, N, 3D)
     qkv5 = qkv.reshape(B, N, 3, H, hs).transpose(2, 0, 3, 1, 4)  # (3, B, H, N, hs)
     q, k, v = qkv5[0], qkv5[1], qkv5[2]                        # each (B, H, N, hs)
@@ -260,13 +362,25 @@ def attention_forward(x, qkv_w, qkv_b, proj_w, proj_b, heads, attn_mask=None):
     # q and k, so the softmax does not saturate as the head size grows.
     scale = hs**-0.5
     att = (q * scale) @ k.swapaxes(-1, -2)                      # (B, H, N, N)
+    if attn_bias is not None:
+        att = att + attn_bias                                   # (B, H, N, N), the same bias for every image
     att, softmax_cache = softmax_forward(att, axis=-1)          # (B, H, N, N), rows sum to 1
     att_d, drop_cache = dropout_forward(att, attn_mask)         # (B, H, N, N)
     y = att_d @ v                                               # (B, H, N, hs)
     y = y.transpose(0, 2, 1, 3).reshape(B, N, D)                # (B, N, D), heads side by side
     out, proj_cache = linear_forward(y, proj_w, proj_b)         # (B, N, D)
     cache = (qkv_cache, q, k, v, scale, softmax_cache, att_d, drop_cache, proj_cache, H)
+    if attn_bias is not None:
+        # An 11th entry marks a cache whose backward also returns dattn_bias. Without a bias the
+        # cache keeps exactly the 10 entries that lesson 03 and its exercises unpack.
+        cache += ("attn_bias",)
     return out, cache
+
+
+def _check_attn_bias(attn_bias, H, N):
+    if attn_bias is not None and tuple(attn_bias.shape) != (H, N, N):
+        raise ValueError(f"attn_bias must have shape (H, N, N) = ({H}, {N}, {N}), "
+                         f"got {tuple(attn_bias.shape)}")
 
 
 def attention_probs(cache):
@@ -277,9 +391,11 @@ def attention_probs(cache):
 
 
 def attention_backward(dout, cache):
-    """Returns (dx, dqkv_w, dqkv_b, dproj_w, dproj_b)."""
+    """Returns (dx, dqkv_w, dqkv_b, dproj_w, dproj_b), and dattn_bias (H, N, N) as a sixth
+    value when the forward pass was given an attn_bias."""
     xp = get_array_module(dout)
-    qkv_cache, q, k, v, scale, softmax_cache, att_d, drop_cache, proj_cache, H = cache
+    qkv_cache, q, k, v, scale, softmax_cache, att_d, drop_cache, proj_cache, H = cache[:10]
+    has_bias = len(cache) > 10
     B, N, D = dout.shape
     hs = D // H
     # forward: out = y @ proj_w^T + proj_b
@@ -293,6 +409,8 @@ def attention_backward(dout, cache):
     datt = dropout_backward(datt, drop_cache)                   # (B, H, N, N)
     # forward: att = softmax(att)
     datt = softmax_backward(datt, softmax_cache)                # (B, H, N, N)
+    # forward: att = att + attn_bias (broadcast over the batch)  =>  sum over the batch
+    dbias = datt.sum(axis=0) if has_bias else None              # (H, N, N)
     # forward: att = (q * scale) @ k^T  =>  dq = scale * datt @ k, dk = scale * datt^T @ q
     dq = (datt @ k) * scale                                     # (B, H, N, hs)
     dk = (datt.swapaxes(-1, -2) @ q) * scale                    # (B, H, N, hs)
@@ -301,6 +419,8 @@ def attention_backward(dout, cache):
     dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(B, N, 3 * D)   # (B, N, 3D)
     # forward: qkv = x @ qkv_w^T + qkv_b
     dx, dqkv_w, dqkv_b = linear_backward(dqkv, qkv_cache)      # (B, N, D)
+    if has_bias:
+        return dx, dqkv_w, dqkv_b, dproj_w, dproj_b, dbias
     return dx, dqkv_w, dqkv_b, dproj_w, dproj_b
 
 

@@ -10,6 +10,7 @@ maps it onto minivit's parameter names (which are timm's):
 
     model, meta = load_pretrained("vit-base-patch16-224/")          # format detected from the files
     model, meta = load_pretrained(path, num_classes=10, img_size=384)  # fine-tuning: new head, resampled positions
+    model, meta = load_pretrained(path, img_size=48, pos_resample="pad")   # the naive baseline: no 2-D layout
     save_pretrained(model, "vit.safetensors")                        # timm names, config in the file's metadata
 
 Nothing is unpickled: safetensors files are read with safetensors' NumPy API and .npz
@@ -35,6 +36,11 @@ from .model import ViT
 
 FORMATS = ("hf", "timm", "npz")
 SAVE_FORMATS = ("timm", "hf")
+# How load_pretrained(..., img_size=...) brings a learned 1-D pos_embed to a new grid:
+#   "bilinear"  by each row's place in the image (the paper, section 3.2): resample_pos_embed
+#   "pad"       by its place in the sequence, ignoring the 2-D layout: the first rows kept, zeros
+#               after them (cut for a smaller grid): pad_pos_embed. A baseline, not a method.
+POS_RESAMPLES = ("bilinear", "pad")
 
 # The paper's models (and google/vit-base-patch16-224's preprocessor) scale pixels to [-1, 1]:
 # x = (x / 255 - 0.5) / 0.5. Used when a checkpoint does not say otherwise.
@@ -210,7 +216,7 @@ TIMM_HEADS_BY_ARCH = {"vit_tiny": 3, "vit_small": 6, "vit_base": 12, "vit_large"
 # ============================================================================= loading
 
 def load_pretrained(path, num_classes: int | None = None, img_size: int | None = None, seed: int = 0,
-                    heads: int | None = None):
+                    heads: int | None = None, pos_resample: str = "bilinear"):
     """Build a ViT from a checkpoint in any of FORMATS (detected from the files).
 
     num_classes: when it differs from the checkpoint's, the head is replaced by a new one,
@@ -218,7 +224,13 @@ def load_pretrained(path, num_classes: int | None = None, img_size: int | None =
         pre-trained prediction head and attach a zero-initialized D x K feedforward
         layer"). Zero is safe for the last layer: all classes start equally likely and
         the head's gradient dlogits^T @ features is not zero, so it learns at once.
-    img_size: when it differs, the grid of position embeddings is resampled (section 3.2).
+    img_size: when it differs, the grid of position embeddings is resampled (section 3.2): a
+        learned table bilinearly by its 2-D layout (resample_pos_embed), learned2d's row and
+        column embeddings each along its axis (resample_axis_embed), every relative position bias
+        table as a (2G-1) x (2G-1) grid of offsets per head (resample_rel_pos_bias_table).
+    pos_resample: "bilinear" (the above) or "pad", only for pos_embed="learned": the old table's
+        rows kept in sequence order and zeros appended (cut for a smaller grid), what a loader that
+        ignores the 2-D layout would do; a baseline for fine-tuning experiments (pad_pos_embed).
     seed: the model's random generator (dropout, drop-path).
     heads: the number of attention heads, for timm files that do not record it.
 
@@ -231,9 +243,14 @@ def load_pretrained(path, num_classes: int | None = None, img_size: int | None =
     fmt = detect_format(path)
     if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0):
         raise ValueError(f"heads must be a positive integer, got {heads!r}")
+    if not isinstance(pos_resample, str) or pos_resample not in POS_RESAMPLES:
+        raise ValueError(f"pos_resample must be one of {POS_RESAMPLES}, got {pos_resample!r}")
     reader = {"hf": _read_hf, "timm": _read_timm, "npz": _read_npz}[fmt]
     config, state, origin, meta = reader(path, heads)
-    model, meta = _build(config, state, origin, meta, num_classes, img_size, seed, str(path))
+    if pos_resample == "pad" and config.pos_embed != "learned":
+        raise ValueError(f"pos_resample='pad' pads a learned 1-D position table, but {str(path)!r} has "
+                         f"pos_embed={config.pos_embed!r}; use pos_resample='bilinear'")
+    model, meta = _build(config, state, origin, meta, num_classes, img_size, seed, str(path), pos_resample)
     meta["format"] = fmt
     meta["source"] = str(path)
     return model, meta
@@ -505,11 +522,17 @@ def parameter_shapes(config: ViTConfig) -> dict:
     """
     C, P, N, D, F, K = config.in_chans, config.patch_size, config.num_tokens, config.dim, config.hidden_dim, \
         config.num_classes
+    G, H = config.grid_size, config.heads
     shapes = {"cls_token": (1, 1, D)}
     if config.pos_embed == "learned":
         shapes["pos_embed"] = (1, N, D)
+    elif config.pos_embed == "learned2d":
+        shapes.update({"pos_embed_row": (G, D // 2), "pos_embed_col": (G, D // 2), "pos_embed_cls": (1, 1, D)})
     shapes.update({"patch_embed.proj.weight": (D, C, P, P), "patch_embed.proj.bias": (D,)})
-    block = {"norm1.weight": (D,), "norm1.bias": (D,), "attn.qkv.weight": (3 * D, D)}
+    block = {"norm1.weight": (D,), "norm1.bias": (D,)}
+    if config.pos_embed == "relative":
+        block["attn.relative_position_bias_table"] = ((2 * G - 1) ** 2 + 3, H)
+    block["attn.qkv.weight"] = (3 * D, D)
     if config.qkv_bias:
         block["attn.qkv.bias"] = (3 * D,)
     block.update({"attn.proj.weight": (D, D), "attn.proj.bias": (D,), "norm2.weight": (D,), "norm2.bias": (D,),
@@ -567,8 +590,15 @@ def _timm_shapes(tensors, where):
     if P != P2:
         raise ValueError(f"{where}: 'patch_embed.proj.weight' has non-square patches {tuple(w.shape)}")
     fields = {"dim": int(D), "in_chans": int(C), "patch_size": int(P)}
+    table = "blocks.0.attn.relative_position_bias_table"
     if "pos_embed" in tensors:
         fields["img_size"] = _grid_side(_need(tensors, "pos_embed", 3, where), "pos_embed", where) * P
+    elif "pos_embed_row" in tensors:
+        fields["pos_embed"] = "learned2d"
+        fields["img_size"] = int(_need(tensors, "pos_embed_row", 2, where).shape[0]) * P
+    elif table in tensors:
+        fields["pos_embed"] = "relative"
+        fields["img_size"] = _rel_table_grid(_need(tensors, table, 2, where), table, where) * P
     else:
         fields["pos_embed"] = "none"   # unless the metadata says sincos2d
     blocks = {int(k.split(".")[1]) for k in tensors if k.startswith("blocks.") and k.split(".")[1].isdigit()}
@@ -801,7 +831,7 @@ def _channel_stats(value, channels, name):
     return tuple(values)
 
 
-def _build(config, state, origin, meta, num_classes, img_size, seed, source):
+def _build(config, state, origin, meta, num_classes, img_size, seed, source, pos_resample="bilinear"):
     """A ViT for `config` (with a new head / image size if asked), filled from `state`.
 
     Everything about the file is checked before the model is built: its tensors must be exactly
@@ -835,10 +865,8 @@ def _build(config, state, origin, meta, num_classes, img_size, seed, source):
         if model.head is not None:           # the paper's fine-tuning head: all zeros
             model.head.weight.data[...] = 0.0
             model.head.bias.data[...] = 0.0
-    if "img_size" in overrides and "pos_embed" in state:
-        state["pos_embed"] = resample_pos_embed(state["pos_embed"], target.grid_size)
-        origin["pos_embed"] += f" (resampled from {config.grid_size}x{config.grid_size} to " \
-                               f"{target.grid_size}x{target.grid_size})"
+    if "img_size" in overrides:
+        _resample_positions(state, origin, config.grid_size, target.grid_size, pos_resample)
     model.load_state_dict(state, strict=False)    # names and shapes were checked above
     missing = [n for n in params if n not in state and not n.startswith("head.")]
     if missing:   # cannot happen for a table built from the config; kept as a guard
@@ -903,6 +931,95 @@ def resample_pos_embed(pos_embed, new_grid: int):
     return xp.concatenate([cls_pos, grid], axis=1)                                        # (1, 1 + G2*G2, D)
 
 
+def resample_axis_embed(table, new_grid: int):
+    """One axis's learned embeddings (G, d), a vector per patch row (or column), -> (G2, d):
+    linear interpolation at the sampling positions resample_pos_embed uses along that axis
+    (torch's align_corners=False). For pos_embed="learned2d" this is the whole resampling:
+    bilinear interpolation of a table whose rows depend on one axis only is this 1-D one."""
+    xp = get_array_module(table)
+    if not hasattr(table, "ndim") or table.ndim != 2 or table.shape[0] < 1:
+        raise ValueError(f"an axis embedding must have shape (G, D/2), got {getattr(table, 'shape', table)!r}")
+    if isinstance(new_grid, bool) or not isinstance(new_grid, (int, np.integer)) or new_grid <= 0:
+        raise ValueError(f"new_grid must be a positive integer (patches per side), got {new_grid!r}")
+    i0, i1, frac = (xp.asarray(a) for a in _linear_taps(table.shape[0], new_grid))
+    t = table.astype(xp.float64)
+    out = t[i0] * (1 - frac)[:, None] + t[i1] * frac[:, None]                   # (G2, d)
+    return out.astype(table.dtype)
+
+
+def _rel_table_grid(table, key, where):
+    """G from a relative position bias table ((2G-1)^2 + 3, H)."""
+    side = math.isqrt(max(table.shape[0] - 3, 0))
+    if side * side != table.shape[0] - 3 or side % 2 == 0:
+        raise ValueError(f"{where}: {key!r} has shape {tuple(table.shape)}; expected ((2G-1)^2 + 3, H): one row "
+                         f"per 2-D offset between two patches of a G x G grid, plus 3 for [CLS]")
+    return (side + 1) // 2
+
+
+def resample_rel_pos_bias_table(table, new_grid: int):
+    """A relative position bias table ((2G-1)^2 + 3, H) -> ((2G2-1)^2 + 3, H) for a G2 x G2 grid.
+
+    Each head's first (2G-1)^2 rows are a (2G-1) x (2G-1) image of biases, one pixel per 2-D
+    offset (dy, dx) in row-major order (see ops.relative_position_index); it is resized
+    bilinearly to (2G2-1) x (2G2-1) with the sampling positions of resample_pos_embed (torch's
+    align_corners=False), as timm's resize_rel_pos_bias_table_simple does. Offset (0, 0) stays
+    at the centre. The 3 [CLS] rows have no offset and are kept as they are.
+    """
+    xp = get_array_module(table)
+    if not hasattr(table, "ndim") or table.ndim != 2:
+        raise ValueError(f"a relative position bias table must have shape ((2G-1)^2 + 3, H), "
+                         f"got {getattr(table, 'shape', table)!r}")
+    if isinstance(new_grid, bool) or not isinstance(new_grid, (int, np.integer)) or new_grid <= 0:
+        raise ValueError(f"new_grid must be a positive integer (patches per side), got {new_grid!r}")
+    G = _rel_table_grid(table, "table", "resample_rel_pos_bias_table")
+    width, new_width, H = 2 * G - 1, 2 * new_grid - 1, table.shape[1]
+    grid = table[:-3].reshape(width, width, H).astype(xp.float64)               # (2G-1, 2G-1, H): [dy, dx, h]
+    r0, r1, rf = (xp.asarray(a) for a in _linear_taps(width, new_width))
+    grid = grid[r0] * (1 - rf)[:, None, None] + grid[r1] * rf[:, None, None]    # (2G2-1, 2G-1, H)
+    grid = grid[:, r0] * (1 - rf)[None, :, None] + grid[:, r1] * rf[None, :, None]   # (2G2-1, 2G2-1, H)
+    grid = grid.reshape(new_width * new_width, H).astype(table.dtype)
+    return xp.concatenate([grid, table[-3:]], axis=0)                           # ((2G2-1)^2 + 3, H)
+
+
+def pad_pos_embed(pos_embed, new_grid: int):
+    """A learned 1-D table (1, 1 + G*G, D) -> (1, 1 + G2*G2, D) by sequence position alone: the
+    first min(1 + G*G, 1 + G2*G2) rows kept in raster order, zeros after them.
+
+    What a loader that ignores the 2-D layout does: for G2 > G the old rows of patch row 1 land
+    in the new grid's row 0 (and so on), and the new patches get no position at all. A baseline
+    for the fine-tuning experiment of the paper's section 3.2, not a way to fine-tune."""
+    xp = get_array_module(pos_embed)
+    if not hasattr(pos_embed, "ndim") or pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
+        raise ValueError(f"pos_embed must have shape (1, 1 + G*G, D), got {getattr(pos_embed, 'shape', pos_embed)!r}")
+    if isinstance(new_grid, bool) or not isinstance(new_grid, (int, np.integer)) or new_grid <= 0:
+        raise ValueError(f"new_grid must be a positive integer (patches per side), got {new_grid!r}")
+    _grid_side(pos_embed, "pos_embed", "pad_pos_embed")
+    n = 1 + int(new_grid) ** 2
+    out = xp.zeros((1, n, pos_embed.shape[2]), pos_embed.dtype)                 # (1, 1 + G2*G2, D)
+    keep = min(n, pos_embed.shape[1])
+    out[:, :keep] = pos_embed[:, :keep]
+    return out
+
+
+def _resample_positions(state, origin, old, new, pos_resample):
+    """Bring every position parameter in `state` from a G x G grid (old) to new x new, in place."""
+    note = f" (resampled from {old}x{old} to {new}x{new})"
+    if "pos_embed" in state:
+        if pos_resample == "pad":
+            state["pos_embed"] = pad_pos_embed(state["pos_embed"], new)
+            origin["pos_embed"] += f" (padded by sequence position from {old}x{old} to {new}x{new})"
+        else:
+            state["pos_embed"] = resample_pos_embed(state["pos_embed"], new)
+            origin["pos_embed"] += note
+    for name in ("pos_embed_row", "pos_embed_col"):
+        if name in state:
+            state[name] = resample_axis_embed(state[name], new)
+            origin[name] += note
+    for name in [n for n in state if n.endswith(".attn.relative_position_bias_table")]:
+        state[name] = resample_rel_pos_bias_table(state[name], new)
+        origin[name] += note
+
+
 # ============================================================================= saving
 
 def save_pretrained(model, path, format: str = "timm", class_names=None, mean=None, std=None,
@@ -965,8 +1082,14 @@ def _save_hf(model, state, path, class_names, mean, std):
                          f"got pool={cfg.pool!r}")
     if cfg.num_classes == 0:
         raise ValueError("format='hf' needs a model with a head (num_classes > 0)")
-    if cfg.pos_embed == "sincos2d":    # fixed in minivit, learned in transformers: same values either way
-        state["pos_embed"] = np.ascontiguousarray(to_numpy(model.pos_table))
+    if cfg.pos_embed == "relative" or cfg.pos_every_block:
+        raise ValueError(f"format='hf' cannot hold pos_embed={cfg.pos_embed!r} with pos_every_block="
+                         f"{cfg.pos_every_block}: transformers' ViT adds one absolute table, once; "
+                         f"use format='timm'")
+    if cfg.pos_embed in ("sincos2d", "learned2d"):   # the same table, stored as a learned one
+        table, _ = model.position_table()
+        state = {k: v for k, v in state.items() if k not in ("pos_embed_row", "pos_embed_col", "pos_embed_cls")}
+        state["pos_embed"] = np.ascontiguousarray(to_numpy(table)).astype(state["cls_token"].dtype)
     elif cfg.pos_embed == "none":      # adding zeros is adding nothing
         state["pos_embed"] = np.zeros((1, cfg.num_tokens, cfg.dim), state["cls_token"].dtype)
 

@@ -3,13 +3,14 @@
     minivit train                                        # the recipe: cifar-recipe, 20 epochs, AdamW
     minivit train --preset cifar-lesson --epochs 5 --set depth=4
     minivit train --resume --out runs/cifar-recipe-20250101-120000    # continue a stopped run
+    minivit train --init runs/a/best.npz --image-size 48 --epochs 5   # fine-tune at 48 px (paper section 3.2)
     minivit eval runs/cifar-recipe-20250101-120000/best.npz           # test accuracy of a saved model
     minivit eval runs/cifar-recipe-20250101-120000/best.npz --flip    # ... averaged with the mirror image
     mpiexec -n 2 minivit train --out runs/two                        # the same run on 2 processes (pip extra "mpi")
 
 One training step, as the loop in `train` writes it out:
 
-    uint8 images (B, C, S, S) --augment--> uint8 (B, C, S, S)     random crop (pad 4) + horizontal flip
+    uint8 images (B, C, S, S) --augment--> uint8 (B, C, S, S)     random crop (pad 4 at 32 px) + horizontal flip
       --normalize--> float32 (B, C, S, S)                          per channel: (x / 255 - mean) / std
       --model--> logits (B, K) --cross-entropy, label smoothing--> loss
       --backward--> every parameter's .grad --clip--> global norm <= clip_grad
@@ -34,6 +35,12 @@ Data parallel (minivit.distributed): under `mpiexec -n K` every process (rank) r
 loop on its shard of each batch; the gradients are summed over the ranks, so all take the same
 step and hold the same weights. The checkpoint does not depend on K: a run resumes with any K,
 bit for bit with the same K, within float rounding with another (the sum's order changes).
+
+Fine-tuning at a higher resolution (paper section 3.2): --image-size S resizes both splits once,
+after loading (bilinear, minivit.data.resize_images), and the model must take S x S images: a new
+one through --set img_size=S; a pretrained one (--init) gets its position embeddings brought to
+the larger grid, by 2-D interpolation (--pos-resample bilinear, the paper's) or by keeping the
+old table's first rows and zeros for the new ones (--pos-resample pad, the comparison without).
 
 Shape legend: B batch, C channels, S image side, K classes.
 """
@@ -62,7 +69,7 @@ from . import __version__, distributed
 from .backend import DEVICES, check_device, to_device, to_numpy
 from .checkpoint import DEFAULT_FILE_MODE, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .config import PRESETS, ViTConfig, get_preset
-from .data import CIFAR10_MEAN, CIFAR10_STD, augment, find_cifar10, load_cifar10, normalize
+from .data import CIFAR10_MEAN, CIFAR10_STD, augment, find_cifar10, load_cifar10, normalize, resize_images
 from .model import ViT
 from .ops import cross_entropy_backward, cross_entropy_forward
 from .optim import AdamW, clip_grad_norm, param_groups, warmup_cosine
@@ -104,6 +111,7 @@ class Recipe:
     seed: int = 0                     # initial weights, data order, augmentation, dropout
     limit_train: int | None = None    # use only the first N training images (quick runs, tests)
     limit_test: int | None = None     # evaluate on the first N test images only
+    image_size: int | None = None     # resize both splits to S x S (bilinear) first; None: the data's own size
 
     def __post_init__(self):
         # Messages name the command-line option, since that is where a bad value comes from.
@@ -120,7 +128,7 @@ class Recipe:
             raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing!r}")
         _check_real("clip_grad", self.clip_grad, low=0.0)
         _check_int("seed", self.seed, low=0)
-        for name in ("limit_train", "limit_test"):
+        for name in ("limit_train", "limit_test", "image_size"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), low=1)
 
@@ -132,6 +140,11 @@ class Recipe:
 
 
 RECIPE = Recipe()                      # the defaults of `minivit train`
+# Recipe fields added after checkpoints were first written, with the value that a checkpoint
+# without them was trained with: such a run resumes (and evaluates) as it was started.
+RECIPE_FIELDS_ADDED = {"image_size": None}
+POS_RESAMPLE = ("bilinear", "pad")     # --pos-resample: how --init brings position embeddings to a new grid
+CROP_PADDING = 4                       # random crop padding at the data's own size (32 px for CIFAR-10)
 DEFAULT_PRESET = "cifar-recipe"
 CHECKPOINT = "checkpoint.npz"          # file names inside the output directory
 BEST = "best.npz"
@@ -172,7 +185,8 @@ def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = Fa
     """Train a ViT(config) on `data` with `recipe`, writing checkpoints and metrics to out_dir.
 
     data        anything with uint8 train_images / test_images (n, C, S, S) and integer
-                train_labels / test_labels (n,), like minivit.data.CIFAR10
+                train_labels / test_labels (n,), like minivit.data.CIFAR10; with
+                recipe.image_size, both splits are resized to it first (config.img_size must match)
     resume      continue the run saved in out_dir/checkpoint.npz (config, recipe and data must
                 match it); without it, out_dir must not exist or be empty
     init_state  starting weights ({name: array}, e.g. pretrained ones) instead of a random init
@@ -199,11 +213,11 @@ def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, d
     checkpoint_path, best_path = out_dir / CHECKPOINT, out_dir / BEST
     comm.use_device(device)                      # K GPU ranks: one GPU each, NCCL between them
     check_device(device)
-    _check_data(data, config)
+    _check_data(data, config, recipe.image_size)
     # The first N images of each split; slicing makes views, nothing is copied.
-    train_images = data.train_images[:recipe.limit_train]       # uint8 (n_train, C, S, S)
+    train_images = data.train_images[:recipe.limit_train]       # uint8 (n_train, C, S0, S0)
     train_labels = data.train_labels[:recipe.limit_train]       # (n_train,)
-    test_images = data.test_images[:recipe.limit_test]          # uint8 (n_test, C, S, S)
+    test_images = data.test_images[:recipe.limit_test]          # uint8 (n_test, C, S0, S0)
     test_labels = data.test_labels[:recipe.limit_test]          # (n_test,)
     n_train, n_test = len(train_images), len(test_images)
     B = recipe.batch_size
@@ -211,8 +225,23 @@ def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, d
     total_steps = recipe.epochs * steps_per_epoch
     warmup_steps = round(recipe.warmup * steps_per_epoch)
     mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+    # The fingerprint is of the data as loaded, before any resizing: it says which data set the
+    # run trains on, and the resizing is the recipe's (image_size, checked on resume as part of
+    # it). So a run and its resumption agree, and hashing never touches the larger resized copy.
     fingerprint = data_fingerprint(train_images, train_labels, test_images, test_labels)
     _check_ranks(comm.size, B, n_train, n_test)
+    data_side = train_images.shape[-1]           # S0, the data's own image side
+    padding, resized = CROP_PADDING, ""
+    if recipe.image_size is not None:
+        start = time.perf_counter()
+        train_images = resize_images(train_images, recipe.image_size)   # uint8 (n_train, C, S, S)
+        test_images = resize_images(test_images, recipe.image_size)     # uint8 (n_test, C, S, S)
+        resized = (f" (resized from {data_side}x{data_side}, bilinear, in {time.perf_counter() - start:.1f} s)")
+        # The crop's padding scales with the image: 4 px at 32 (an eighth of the image) becomes 6
+        # at 48 and 8 at 64, so the crop shifts the same part of the scene as at the data's own
+        # size, and a run at S differs from a run at 32 px in resolution only, not in how strongly
+        # it is augmented. (Without --image-size the padding stays 4 at any size, as it was.)
+        padding = CROP_PADDING * recipe.image_size // data_side
 
     # ---- the model, the optimiser and the two random generators
     notes = []                                   # printed under the settings
@@ -272,8 +301,9 @@ def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, d
     print(f"  model   {preset + ': ' if preset else ''}{config}")
     print(f"          {model.num_parameters():,} parameters, on the {device}")
     print("  recipe  " + " ".join(f"{k}={v}" for k, v in recipe.to_dict().items()))
-    print(f"  data    {n_train} training and {n_test} test images of {'x'.join(map(str, train_images.shape[1:]))}; "
-          f"{steps_per_epoch} steps per epoch, {total_steps} steps, {warmup_steps} of warmup")
+    print(f"  data    {n_train} training and {n_test} test images of {'x'.join(map(str, train_images.shape[1:]))}"
+          f"{resized}; {steps_per_epoch} steps per epoch, {total_steps} steps, {warmup_steps} of warmup; "
+          f"random crop padding {padding}")
     if comm.size > 1:
         per_rank = f"{B // comm.size}" if B % comm.size == 0 else f"{B // comm.size}-{B // comm.size + 1}"
         print(f"  ranks   {comm.size} processes (MPI), data parallel: {per_rank} of the {B} images of each "
@@ -322,7 +352,7 @@ def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, d
                     step_start = time.perf_counter()
                     global_step = epoch * steps_per_epoch + step
                     index = order[step * B:(step + 1) * B]                         # (B,), fewer at the end
-                    images = augment(train_images[index], data_rng)                # uint8 (B, C, S, S)
+                    images = augment(train_images[index], data_rng, padding)       # uint8 (B, C, S, S)
                     # With K ranks each keeps its shard of the batch (lo:hi, b = hi - lo images),
                     # after the whole batch was augmented as one process would; K = 1 keeps all.
                     lo, hi = comm.shard(len(index))
@@ -551,19 +581,33 @@ class _StopOnSignal:
 
 # ============================================================================= checks
 
-def _check_data(data, config: ViTConfig):
+def _check_image_size(config: ViTConfig, image_size):
+    """--image-size S resizes the images to S x S; the model must be made for that size."""
+    if image_size is not None and config.img_size != image_size:
+        raise ValueError(f"--image-size {image_size} resizes the images to {image_size}x{image_size}, but the model "
+                         f"takes {config.img_size}x{config.img_size} images; add --set img_size={image_size}")
+
+
+def _check_data(data, config: ViTConfig, image_size=None):
+    """The data fits the model: as it is, or once resized to image_size x image_size."""
     for name in ("train_images", "train_labels", "test_images", "test_labels"):
         if not isinstance(getattr(data, name, None), np.ndarray):
             raise TypeError(f"data.{name} must be a NumPy array, got {type(getattr(data, name, None)).__name__}")
+    _check_image_size(config, image_size)
     expected = (config.in_chans, config.img_size, config.img_size)
     for split in ("train", "test"):
         images, labels = getattr(data, f"{split}_images"), getattr(data, f"{split}_labels")
         if images.dtype != np.uint8 or images.ndim != 4:
             raise TypeError(f"data.{split}_images must be uint8 (n, C, S, S), got {images.dtype} {images.shape}")
-        if tuple(images.shape[1:]) != expected:
+        square = images.shape[2] == images.shape[3] and images.shape[1] == config.in_chans
+        if image_size is not None and not square:     # resize_images makes square images of square ones
+            raise ValueError(f"--image-size resizes square images with {config.in_chans} channels, but the "
+                             f"{split} images are {'x'.join(map(str, images.shape[1:]))}")
+        if image_size is None and tuple(images.shape[1:]) != expected:
+            resize = f", or --image-size {config.img_size} to resize the images to the model's size" * square
             raise ValueError(f"the model takes images of {'x'.join(map(str, expected))} but the {split} images are "
                              f"{'x'.join(map(str, images.shape[1:]))}; for CIFAR-10 use a cifar-* preset "
-                             f"(or --set img_size=32 --set num_classes=10)")
+                             f"(or --set img_size=32 --set num_classes=10){resize}")
         if labels.shape != (len(images),) or labels.dtype.kind not in "iu":
             raise ValueError(f"data.{split}_labels must be integers of shape ({len(images)},), "
                              f"got {labels.dtype} {labels.shape}")
@@ -653,6 +697,12 @@ def data_fingerprint(train_images, train_labels, test_images, test_labels) -> st
     return h.hexdigest()[:16]
 
 
+def _saved_recipe(meta) -> dict:
+    """The recipe a checkpoint was trained with, fields added since it was saved filled in."""
+    saved = meta.get("recipe")
+    return {**RECIPE_FIELDS_ADDED, **saved} if isinstance(saved, dict) else {}
+
+
 def _check_resume(meta, config, recipe, n_train, n_test, fingerprint, mean, std, path, allow_other_data=False):
     """A resumed run must continue with exactly what it was started with. Returns notes to print."""
     problems, notes = [], []
@@ -662,9 +712,9 @@ def _check_resume(meta, config, recipe, n_train, n_test, fingerprint, mean, std,
     if saved != config.to_dict():
         diff = {k: (v, config.to_dict().get(k)) for k, v in saved.items() if config.to_dict().get(k) != v}
         problems.append(f"model config differs (saved vs given: {diff})")
-    if meta.get("recipe") != recipe.to_dict():
-        diff = {k: (v, recipe.to_dict().get(k)) for k, v in meta.get("recipe", {}).items()
-                if recipe.to_dict().get(k) != v}
+    saved_recipe = _saved_recipe(meta)
+    if saved_recipe != recipe.to_dict():
+        diff = {k: (v, recipe.to_dict().get(k)) for k, v in saved_recipe.items() if recipe.to_dict().get(k) != v}
         problems.append(f"recipe differs (saved vs given: {diff})")
     saved_data = meta.get("data") if isinstance(meta.get("data"), dict) else {}
     saved_fingerprint = saved_data.get("fingerprint")
