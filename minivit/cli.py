@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "minivit.train",
     "minivit.bench",
     "minivit.gradcheck",
+    "minivit.analysis",
 ]
 
 
