@@ -28,12 +28,15 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import os
 import statistics
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from .config import ViTConfig
 from .train import CHECKPOINT, METRICS, Recipe, _write_atomically, read_metrics_csv, train
@@ -54,6 +57,7 @@ class Run:
     variant: dict                           # the columns that tell this run apart, e.g. {"pool": "cls", "lr": 3e-3}
     config: dict = field(default_factory=dict)   # ViTConfig fields changed from BASE_CONFIG
     recipe: dict = field(default_factory=dict)   # Recipe fields changed from BASE_RECIPE (seed included)
+    classes: tuple = ()                     # train on these CIFAR-10 classes only (relabelled 0..k-1); () = all
 
     @property
     def name(self) -> str:
@@ -62,6 +66,8 @@ class Run:
         changes = {k: v for k, v in config.to_dict().items() if getattr(BASE_CONFIG, k) != v}
         changes.update({k: v for k, v in recipe.to_dict().items() if getattr(BASE_RECIPE, k) != v and k != "seed"})
         parts = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(changes.items())]
+        if self.classes:
+            parts.append("classes=" + "-".join(map(str, self.classes)))
         return ",".join(parts + [f"seed={recipe.seed}"])
 
     def build(self) -> tuple[ViTConfig, Recipe]:
@@ -104,7 +110,35 @@ def data_scale(seeds=SEEDS):
                                 for n in (5_000, 10_000, 20_000, 50_000)], seeds)
 
 
-EXPERIMENTS = {"pool_lr": pool_lr, "pos_embed": pos_embed, "patch_size": patch_size, "data_scale": data_scale}
+# The transfer experiment's split of CIFAR-10: pre-train on these five classes, probe on the others.
+SOURCE_CLASSES = (0, 1, 2, 3, 4)       # airplane, automobile, bird, cat, deer
+TARGET_CLASSES = (5, 6, 7, 8, 9)       # dog, frog, horse, ship, truck
+
+
+def transfer(seeds=SEEDS):
+    """Pre-training for the few-shot transfer of paper §4.1 at CIFAR scale: the base model trained
+    on the 25,000 training images of five classes (4 epochs: the base's 100,000 images seen). A
+    linear probe of its frozen features is then fitted on 1-25 images per class of the five
+    classes it has never seen (lesson 10, minivit.analysis.few_shot)."""
+    return [Run("transfer", {"pretrained_on": "0-4", "seed": seed}, {"num_classes": len(SOURCE_CLASSES)},
+                {"limit_train": None, "epochs": 4, "warmup": 0.8, "seed": seed}, classes=SOURCE_CLASSES)
+            for seed in seeds]
+
+
+def class_subset(data, classes):
+    """The images of some classes only, labelled 0..len(classes)-1 in the order given."""
+    from .data import CIFAR10
+    relabel = {c: i for i, c in enumerate(classes)}
+
+    def split(images, labels):
+        keep = np.isin(labels, classes)
+        return images[keep], np.array([relabel[int(y)] for y in labels[keep]], dtype=labels.dtype)
+    return CIFAR10(*split(data.train_images, data.train_labels), *split(data.test_images, data.test_labels),
+                   classes=[data.classes[c] for c in classes])
+
+
+EXPERIMENTS = {"pool_lr": pool_lr, "pos_embed": pos_embed, "patch_size": patch_size, "data_scale": data_scale,
+               "transfer": transfer}
 
 
 # ============================================================================= running
@@ -119,14 +153,48 @@ def state(run: Run, runs_dir: Path) -> str:
 
 
 def execute(run: Run, data, runs_dir: Path, log_every: int = 0):
-    """Train the run, or continue it; returns train()'s TrainResult (None when already finished)."""
+    """Train the run, or continue it; returns train()'s TrainResult, or None when it is already
+    finished or another live process is training it (two commands may share a runs directory:
+    say one on each core; a lock file with the owner's process id keeps them apart)."""
     if state(run, runs_dir) == "finished":
         return None
-    config, recipe = run.build()
-    info = {"experiment": run.experiment, "variant": run.variant, "command": " ".join(sys.argv),
-            "commit": _commit()}
-    return train(config, data, recipe, runs_dir / run.name, resume=state(run, runs_dir) == "started",
-                 log_every=log_every, run_info=info)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    lock = runs_dir / f"{run.name}.lock"
+    if not _take_lock(lock):
+        print(f"    {run.name}: being trained by process {lock.read_text().strip()}; skipped", flush=True)
+        return None
+    try:
+        config, recipe = run.build()
+        if run.classes:
+            data = class_subset(data, run.classes)
+        info = {"experiment": run.experiment, "variant": run.variant, "command": " ".join(sys.argv),
+                "commit": _commit()}
+        return train(config, data, recipe, runs_dir / run.name, resume=state(run, runs_dir) == "started",
+                     log_every=log_every, run_info=info)
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _take_lock(lock: Path) -> bool:
+    """Create the lock file holding our process id; False if a live process holds it. A lock
+    left by a process that has died (a session that ended) is taken over."""
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text().strip() or 0)
+                os.kill(owner, 0)                          # signal 0: does that process exist?
+                return False
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)               # stale: its owner is gone
+                continue
+            except PermissionError:                        # alive, another user's
+                return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
 
 
 def row(run: Run, runs_dir: Path) -> dict:
@@ -137,7 +205,7 @@ def row(run: Run, runs_dir: Path) -> dict:
     params = sum(int(v) for v in _parameter_counts(config))
     return {**run.variant,
             "params": params,
-            "train_images": recipe.limit_train, "epochs": recipe.epochs, "batch_size": recipe.batch_size,
+            "train_images": recipe.limit_train or "all", "epochs": recipe.epochs, "batch_size": recipe.batch_size,
             "lr": recipe.lr, "test_images": recipe.limit_test,
             "test_acc": round(float(history[-1]["test_acc"]), 4),
             "best_test_acc": round(max(float(h["test_acc"]) for h in history), 4),

@@ -1,5 +1,6 @@
 """minivit.experiments: run names, shared runs, resumable state and the CSV of finished runs."""
 import csv
+import os
 
 import numpy as np
 import pytest
@@ -119,3 +120,30 @@ def test_list_runs_nothing(capsys, tmp_path):
     out = capsys.readouterr().out
     assert out.count("pool_lr") == 12 and "new" in out
     assert not any(tmp_path.iterdir())
+
+
+def test_two_commands_sharing_a_runs_directory_never_train_the_same_run(tmp_path, monkeypatch):
+    data = synthetic_data()
+    run = ex.Run("tiny", {"seed": 0}, TINY, {**QUICK, "seed": 0})
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    lock = runs_dir / f"{run.name}.lock"
+    lock.write_text(str(os.getppid()))                  # a live process (pytest's parent) holds it
+    assert ex.execute(run, data, runs_dir) is None and ex.state(run, runs_dir) == "new"
+    lock.write_text("999999999")                        # no such process: a stale lock is taken over
+    assert ex.execute(run, data, runs_dir).status == "finished"
+    assert not lock.exists()                            # released when the run ends
+
+
+def test_class_subset_relabels_and_the_transfer_run_trains_on_five_classes():
+    data = synthetic_data()
+    sub = ex.class_subset(data, (7, 2))
+    assert sorted(set(sub.train_labels.tolist())) <= [0, 1] and sub.classes == ["class7", "class2"]
+    keep = np.isin(data.train_labels, (7, 2))
+    np.testing.assert_array_equal(sub.train_images, data.train_images[keep])
+    np.testing.assert_array_equal(sub.train_labels, np.where(data.train_labels[keep] == 7, 0, 1))
+    (run,) = ex.transfer(seeds=(0,))
+    config, recipe = run.build()
+    assert run.classes == ex.SOURCE_CLASSES and config.num_classes == 5 and recipe.limit_train is None
+    assert not set(ex.SOURCE_CLASSES) & set(ex.TARGET_CLASSES)
+    assert recipe.epochs * 25_000 == 100_000                # the base's cost: 100,000 images seen
