@@ -34,7 +34,9 @@ and the README's performance section for the measurements):
    projection needs, and dq, dk, dv are written into one (B, N, 3, H, hs) buffer: no
    split/merge transposes and no np.stack. The probabilities are stored keys first, so the
    softmax reduces along long contiguous runs (see the attention section). Scores, softmax
-   and att @ v of a block of images stay in cache; blocks run on parallel threads.
+   and att @ v of a block of images stay in cache; blocks run on parallel threads. An attention
+   bias (the relative position bias) is added to each block's scores there too, and its gradient
+   summed over the block's images before the scratch array is reused: no cost without one.
 
 Every function works on NumPy and CuPy arrays: `xp = get_array_module(x)`, and only
 calls that exist in both (ufuncs with `out=`, matmul with `out=`). On CuPy the blocks and

@@ -12,7 +12,8 @@ the functions stay pure and can be gradient-checked with a fixed mask.
 Shape legend:
     B batch, C channels, S image side, P patch side, G = S // P patches per side,
     N tokens (G*G patches + 1 [CLS]), D width, H heads, hs head size, F MLP width,
-    K classes, Din / Dout a linear layer's input / output width.
+    K classes, Din / Dout a linear layer's input / output width, T = (2G-1)^2 + 3 rows
+    of a relative position bias table.
 """
 from __future__ import annotations
 

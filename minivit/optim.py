@@ -36,8 +36,11 @@ import numpy as np
 from .backend import get_array_module, is_array, to_numpy
 from .modules import Module, Parameter
 
-# Never decayed, whatever their shape (timm's ViT.no_weight_decay()).
-NO_DECAY_NAMES = ("pos_embed", "cls_token")
+# Never decayed, whatever their shape (timm's ViT.no_weight_decay(); BEiT's adds the relative
+# position tables): positions and the [CLS] token are lookups, not maps of the input, and
+# shrinking them only erases what they encode.
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "pos_embed_row", "pos_embed_col", "pos_embed_cls",
+                  "relative_position_bias_table")
 
 
 def _check_number(name, value, low=0.0, high=math.inf, high_open=False):
@@ -64,7 +67,7 @@ def param_groups(model: Module, weight_decay: float, no_decay_names=NO_DECAY_NAM
 
     Decayed: weight matrices and the patch-embedding kernel (2-D and up). Not decayed:
     every 1-D parameter (biases, LayerNorm scale and shift), any `*.bias`, and the names
-    in `no_decay_names` (`pos_embed`, `cls_token`). Shrinking a LayerNorm scale or a bias
+    in `no_decay_names` (position embeddings and tables, `cls_token`). Shrinking a LayerNorm scale or a bias
     towards 0 does not make the model simpler, it only fights the fit.
 
     Returns [{"params": decayed, "weight_decay": weight_decay},

@@ -44,14 +44,24 @@ def walk(config: ViTConfig) -> list[Step]:
     ]
     if c.pos_embed == "learned":
         steps.append(Step("pos_embed", _dims(N, D), N * D, 0, "add learned positions"))
+    elif c.pos_embed == "learned2d":
+        steps.append(Step("pos_embed_row/col/cls", _dims(N, D), 2 * G * (D // 2) + D, 0,
+                          "add learned 2D positions (X | Y halves)"))
     elif c.pos_embed == "sincos2d":
         steps.append(Step("pos_embed (fixed)", _dims(N, D), 0, 0, "add 2D sine-cosine positions"))
+    if c.pos_every_block and c.pos_embed != "none":
+        steps[-1] = dataclasses.replace(steps[-1], note=steps[-1].note + ", again before every block")
     qkv_params = 3 * D * D + (3 * D if c.qkv_bias else 0)
     block = [
         Step("norm1", _dims(N, D), 2 * D, 0, "LayerNorm"),
         Step("attn.qkv", _dims(N, 3 * D), qkv_params, 2 * N * D * 3 * D, "fused q, k, v projection"),
         Step("  split heads", f"3 x {_dims(H, N, hs)}", 0, 0, "q, k, v: H heads x N x hs"),
         Step("  q @ k^T / sqrt(hs)", _dims(H, N, N), 0, 2 * H * N * N * hs, "attention scores"),
+    ]
+    if c.pos_embed == "relative":
+        block.append(Step("  + relative_position_bias_table", _dims(H, N, N), ((2 * G - 1) ** 2 + 3) * H, 0,
+                          "a learned bias per head and 2D offset"))
+    block += [
         Step("  softmax", _dims(H, N, N), 0, 0, "each row sums to 1"),
         Step("  attn @ v", _dims(H, N, hs), 0, 2 * H * N * N * hs, "weighted sum of values"),
         Step("  merge heads", _dims(N, D), 0, 0, "heads side by side"),

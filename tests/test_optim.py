@@ -364,3 +364,14 @@ def test_clip_grad_norm_float32_in_place(rng):
     clip_grad_norm([p], np.float64(1.0))
     assert p.grad is g and g.dtype == np.float32
     assert math.isclose(float(np.linalg.norm(g)), 1.0, rel_tol=1e-5)
+
+
+def test_position_tables_of_every_kind_are_not_decayed():
+    from minivit import ViT, ViTConfig
+    for kind, names in (("learned2d", {"pos_embed_row", "pos_embed_col", "pos_embed_cls"}),
+                        ("relative", {"blocks.0.attn.relative_position_bias_table"})):
+        model = ViT(ViTConfig(img_size=8, patch_size=4, num_classes=3, dim=8, depth=1, heads=2, pos_embed=kind))
+        decayed, other = param_groups(model, 0.1)
+        named = {id(p): n for n, p in model.named_parameters()}
+        assert names <= {named[id(p)] for p in other["params"]}
+        assert not names & {named[id(p)] for p in decayed["params"]}

@@ -4,7 +4,8 @@ import pytest
 
 from minivit import ViT, ViTConfig, get_preset
 from minivit.cli import main
-from minivit.shapes import count_flops, parse_overrides, walk
+from minivit.config import ABSOLUTE_POS_EMBEDS, POS_EMBEDS
+from minivit.shapes import count_flops, count_parameters, parse_overrides, walk
 
 
 def test_vit_b16_walk_has_the_papers_shapes():
@@ -96,3 +97,10 @@ def test_cli_turns_memory_and_overflow_errors_into_one_line(capsys, monkeypatch,
 def test_parse_overrides_types():
     assert parse_overrides(["depth=6", "mlp_dim=none", "dropout=0.1", "qkv_bias=False", "gelu=tanh"]) == {
         "depth": 6, "mlp_dim": None, "dropout": 0.1, "qkv_bias": False, "gelu": "tanh"}
+
+
+@pytest.mark.parametrize("pos_embed, every_block", [(kind, False) for kind in POS_EMBEDS]
+                         + [(kind, True) for kind in ABSOLUTE_POS_EMBEDS])
+def test_parameter_count_of_every_position_embedding_matches_the_model(pos_embed, every_block):
+    config = get_preset("cifar-lesson", pos_embed=pos_embed, pos_every_block=every_block, depth=2)
+    assert count_parameters(config) == ViT(config).num_parameters()
