@@ -3,7 +3,7 @@
     minivit train                                        # the recipe: cifar-recipe, 20 epochs, AdamW
     minivit train --preset cifar-lesson --epochs 5 --set depth=4
     minivit train --resume --out runs/cifar-recipe-20250101-120000    # continue a stopped run
-    minivit train --init runs/a/best.npz --image-size 48 --epochs 5   # fine-tune at 48 px (paper section 3.2)
+    minivit train --init runs/a/best.npz --image-size 48 --epochs 5   # fine-tune a 32 px run at 48 px (paper 3.2)
     minivit eval runs/cifar-recipe-20250101-120000/best.npz           # test accuracy of a saved model
     minivit eval runs/cifar-recipe-20250101-120000/best.npz --flip    # ... averaged with the mirror image
     mpiexec -n 2 minivit train --out runs/two                        # the same run on 2 processes (pip extra "mpi")
@@ -38,7 +38,8 @@ bit for bit with the same K, within float rounding with another (the sum's order
 
 Fine-tuning at a higher resolution (paper section 3.2): --image-size S resizes both splits once,
 after loading (bilinear, minivit.data.resize_images), and the model must take S x S images: a new
-one through --set img_size=S; a pretrained one (--init) gets its position embeddings brought to
+one through --set img_size=S; a pretrained one (--init: a file of minivit.pretrained's formats, or
+the checkpoint.npz / best.npz of a `minivit train` run) gets its position embeddings brought to
 the larger grid, by 2-D interpolation (--pos-resample bilinear, the paper's) or by keeping the
 old table's first rows and zeros for the new ones (--pos-resample pad, the comparison without).
 
@@ -59,6 +60,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +69,7 @@ from tqdm import tqdm
 
 from . import __version__, distributed
 from .backend import DEVICES, check_device, to_device, to_numpy
-from .checkpoint import DEFAULT_FILE_MODE, load_checkpoint, read_checkpoint_meta, save_checkpoint
+from .checkpoint import DEFAULT_FILE_MODE, META_KEY, load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .config import PRESETS, ViTConfig, get_preset
 from .data import CIFAR10_MEAN, CIFAR10_STD, augment, find_cifar10, load_cifar10, normalize, resize_images
 from .model import ViT
@@ -192,7 +194,8 @@ def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = Fa
     init_state  starting weights ({name: array}, e.g. pretrained ones) instead of a random init
     mean, std   per-channel normalisation of pixels in [0, 1]
     log_every   print a `step | loss | acc | img/s` line every this many steps (0: never)
-    run_info    JSON-able notes kept in the checkpoint (preset name, overrides, --init path)
+    run_info    JSON-able notes kept in the checkpoint (preset name, overrides, --init path and
+                --pos-resample)
     allow_other_data  resume even though the data's fingerprint differs from the one the run
                 started with (same numbers of images, other content), on purpose
     dtype       float32 (the recipe) or float64 (tests that compare two runs to a tight tolerance)
@@ -859,8 +862,16 @@ def register(subparsers):
     p.add_argument("--seed", type=int, metavar="N", help=f"random seed (default {r.seed})")
     p.add_argument("--limit-train", type=int, metavar="N", help="train on the first N training images only")
     p.add_argument("--limit-test", type=int, metavar="N", help="test on the first N test images only")
+    p.add_argument("--image-size", type=int, metavar="S",
+                   help="resize the images to S x S (bilinear) before training, e.g. 48 or 64 to fine-tune at a "
+                        "higher resolution; the model must take S (--set img_size=S, or --init) (default: the "
+                        "data's own 32)")
     p.add_argument("--init", metavar="PATH", help="start from pretrained weights (minivit.pretrained formats): "
-                   "new 10-class head, position embeddings resampled to 32x32")
+                   "new 10-class head, position embeddings resampled to the image size (32, or --image-size)")
+    p.add_argument("--pos-resample", choices=POS_RESAMPLE, default=None,
+                   help="with --init at another image size: how the position embeddings reach the new grid; "
+                        "bilinear = interpolated in 2-D (the paper's), pad = the old table's first rows, zeros "
+                        "for the new ones (learned embeddings only) (default bilinear)")
     p.add_argument("--data", metavar="PATH", help="CIFAR-10 archive or directory (default: $MINIVIT_DATA, "
                    "the cache, or download)")
     p.add_argument("--out", metavar="DIR", help="output directory (default runs/<preset>-<date>-<time>)")
@@ -901,6 +912,9 @@ def _run_train_on_rank(args, comm) -> int:
         raise ValueError(f"--log-every must be >= 0, got {args.log_every}")
     if args.allow_other_data and not args.resume:
         raise ValueError("--allow-other-data only applies with --resume (a new run records the data it is given)")
+    if args.pos_resample is not None and not args.init and not args.resume:
+        raise ValueError(f"--pos-resample {args.pos_resample} only applies with --init PATH (it says how pretrained "
+                         f"position embeddings are brought to a new image size)")
     if args.resume:
         # A resumed run continues with its saved model and recipe; options that would change
         # them are refused rather than quietly ignored.
@@ -911,14 +925,15 @@ def _run_train_on_rank(args, comm) -> int:
         meta = read_checkpoint_meta(Path(args.out) / CHECKPOINT)
         saved = meta.get("recipe") or {}
         changed = {k: v for k, v in given.items() if saved.get(k) != v}
-        for name, value in (("preset", args.preset), ("set", args.overrides), ("init", args.init)):
+        for name, value in (("preset", args.preset), ("set", args.overrides), ("init", args.init),
+                            ("pos_resample", args.pos_resample)):
             if value:
                 changed[name] = value
         if changed:
             raise ValueError(f"--resume continues {args.out} with its saved settings; remove "
                              + ", ".join(f"{_option(k)} {v}" for k, v in changed.items())
                              + " (or start a new run with a new --out)")
-        config, recipe = ViTConfig.from_dict(meta["config"]), Recipe(**saved)
+        config, recipe = ViTConfig.from_dict(meta["config"]), Recipe(**_saved_recipe(meta))
         mean, std = meta["normalize"]["mean"], meta["normalize"]["std"]
         # Without --data, look where the run found its data first (if that is still there).
         saved_data = (meta.get("run") or {}).get("data")
@@ -940,25 +955,68 @@ def _run_train_on_rank(args, comm) -> int:
     else:
         preset = args.preset or DEFAULT_PRESET
         config = get_preset(preset, **overrides)
+        _check_image_size(config, recipe.image_size)    # before the data is loaded
     out_dir = Path(args.out) if args.out else Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     if comm.rank == 0:
         _check_new_out_dir_early(out_dir)        # fail before loading data, not after
     data, data_path = _load_data(args.data, recipe.limit_train, recipe.limit_test)
     if args.init:
-        from .pretrained import load_pretrained
         # A new zero-initialised head for the data set's classes, position embeddings resampled
-        # to its image size; --set can still change shape-free options such as drop_path.
-        pretrained, info = load_pretrained(args.init, num_classes=len(data.classes),
-                                           img_size=data.train_images.shape[-1], seed=recipe.seed)
+        # to the image size it trains at (the data's own, or --image-size) the way --pos-resample
+        # says; --set can still change shape-free options such as drop_path.
+        pos_resample = args.pos_resample or "bilinear"
+        img_size = recipe.image_size or data.train_images.shape[-1]
+        pretrained, info = _load_init(args.init, num_classes=len(data.classes), img_size=img_size,
+                                      seed=recipe.seed, pos_resample=pos_resample)
         config = pretrained.config.replace(**overrides)
+        _check_image_size(config, recipe.image_size)    # only a --set img_size=... can make them differ
         init_state = pretrained.state_dict()
         mean, std = info["mean"], info["std"]    # normalise as the pretrained model was trained
-        print(f"init: {args.init} ({info['format']}), head {info['head']}, normalisation mean {mean} std {std}")
-    run_info = {"preset": preset, "overrides": args.overrides, "init": args.init, "data": str(data_path),
+        old, new = info["checkpoint_img_size"] // config.patch_size, config.grid_size
+        if old == new:
+            grid = f"grid {new}x{new} as saved"
+        elif config.pos_embed in ("sincos2d", "none"):
+            grid = f"grid {old}x{old} -> {new}x{new} (pos_embed={config.pos_embed}: nothing to resample)"
+        else:
+            grid = f"grid {old}x{old} -> {new}x{new}, position embeddings resampled ({pos_resample})"
+        print(f"init: {args.init} ({info['format']}), head {info['head']}, {grid}, normalisation mean {mean} "
+              f"std {std}")
+    run_info = {"preset": preset, "overrides": args.overrides, "init": args.init,
+                "pos_resample": pos_resample if args.init else None, "data": str(data_path),
                 "command": "minivit " + " ".join(sys.argv[1:])}
     result = train(config, data, recipe, out_dir, init_state=init_state, mean=mean, std=std, device=args.device,
                    log_every=args.log_every, run_info=run_info)
     return result.exit_code
+
+
+def _load_init(path, num_classes, img_size, seed, pos_resample):
+    """(model, info) of minivit.pretrained.load_pretrained for --init PATH, which may also be the
+    checkpoint.npz or best.npz of a `minivit train` run: its weights and normalisation then pass
+    through a temporary timm-format file (save_pretrained), so that load_pretrained's new head and
+    position resampling apply to them exactly as to any other file."""
+    from .model import ViT as PlainViT         # not the module-level name, which tests may replace
+    from .pretrained import load_pretrained, save_pretrained
+    path = Path(path)
+    if not _is_train_checkpoint(path):
+        return load_pretrained(path, num_classes=num_classes, img_size=img_size, seed=seed, pos_resample=pos_resample)
+    state, _, meta = load_checkpoint(path)
+    source = PlainViT(ViTConfig.from_dict(meta["config"]))
+    source.load_state_dict(state)
+    norm = meta.get("normalize") or {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
+    with tempfile.TemporaryDirectory() as folder:
+        weights = save_pretrained(source, Path(folder) / "init.safetensors", mean=norm["mean"], std=norm["std"])
+        model, info = load_pretrained(weights, num_classes=num_classes, img_size=img_size, seed=seed,
+                                      pos_resample=pos_resample)
+    info.update(format=f"minivit train checkpoint, epoch {meta['epoch']}", source=str(path))
+    return model, info
+
+
+def _is_train_checkpoint(path: Path) -> bool:
+    """A minivit checkpoint is an .npz (a zip) with a meta.json entry; the paper's .npz files have none."""
+    if path.suffix != ".npz" or not path.is_file() or not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return f"{META_KEY}.npy" in archive.namelist()
 
 
 def _check_new_out_dir_early(out_dir: Path):
@@ -969,7 +1027,7 @@ def _check_new_out_dir_early(out_dir: Path):
 def _run_eval(args) -> int:
     state, _, meta = load_checkpoint(args.checkpoint)
     config = ViTConfig.from_dict(meta["config"])
-    saved = meta.get("recipe") or {}
+    saved = _saved_recipe(meta)
     limit_test = args.limit_test if args.limit_test is not None else saved.get("limit_test")
     batch_size = args.batch_size if args.batch_size is not None else saved.get("batch_size", RECIPE.batch_size)
     if limit_test is not None:
@@ -983,9 +1041,15 @@ def _run_eval(args) -> int:
     saved_data = (meta.get("run") or {}).get("data")     # where training found its data
     data_path = args.data or (saved_data if saved_data and Path(saved_data).exists() else None)
     data = load_cifar10(find_cifar10(data_path), limit=limit_test)
-    _check_data(data, config)
-    n, labels = len(data.test_images), data.test_labels
-    logits = predict(model, data.test_images, batch_size, norm["mean"], norm["std"], args.device, args.flip)
+    image_size = saved.get("image_size")         # the run trained (and tested) on images resized to this
+    _check_data(data, config, image_size)
+    n, labels, images = len(data.test_images), data.test_labels, data.test_images
+    if image_size is not None:
+        side = images.shape[-1]
+        images = resize_images(images, image_size)                       # uint8 (n, C, S, S)
+        print(f"resized the {n} test images from {side}x{side} to {image_size}x{image_size} (bilinear), as in "
+              f"training")
+    logits = predict(model, images, batch_size, norm["mean"], norm["std"], args.device, args.flip)
     loss, acc = score(logits, labels)
     print(f"{args.checkpoint}: epoch {meta['epoch']}, {n} test images{' (and their mirror images)' * args.flip} | "
           f"test loss {loss:.4f} | test acc {acc:.4f} ({round(acc * n)}/{n} correct)")
