@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import ViTConfig
-from .train import CHECKPOINT, METRICS, Recipe, _write_atomically, read_metrics_csv, train
+from .data import CIFAR10_MEAN, CIFAR10_STD
+from .train import CHECKPOINT, METRICS, Recipe, _load_init, _write_atomically, read_metrics_csv, train
 
 RESULTS = Path(__file__).resolve().parent.parent / "lessons" / "results"
 SEEDS = (0, 1)
@@ -58,6 +59,7 @@ class Run:
     config: dict = field(default_factory=dict)   # ViTConfig fields changed from BASE_CONFIG
     recipe: dict = field(default_factory=dict)   # Recipe fields changed from BASE_RECIPE (seed included)
     classes: tuple = ()                     # train on these CIFAR-10 classes only (relabelled 0..k-1); () = all
+    init: tuple = ()                        # (run, pos_resample): start from that run's final weights
 
     @property
     def name(self) -> str:
@@ -68,6 +70,8 @@ class Run:
         parts = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(changes.items())]
         if self.classes:
             parts.append("classes=" + "-".join(map(str, self.classes)))
+        if self.init:
+            parts.append(f"init=[{self.init[0].name}]:{self.init[1]}")
         return ",".join(parts + [f"seed={recipe.seed}"])
 
     def build(self) -> tuple[ViTConfig, Recipe]:
@@ -125,6 +129,30 @@ def transfer(seeds=SEEDS):
             for seed in seeds]
 
 
+FINETUNE_SIZE = 48
+
+
+def finetune_res(seeds=SEEDS):
+    """Fine-tuning at a higher resolution (paper §3.2): the base model, trained at 32 px, then
+    fine-tuned for 2 epochs at 48 px (bilinear upsampling; patches stay 4 px, so the grid grows
+    from 8 x 8 to 12 x 12) with its position embeddings interpolated in 2-D ("bilinear", the
+    paper's way) or kept in sequence order with zeros for the new positions ("pad", a loader
+    that ignores the 2-D layout); against training at 48 px from scratch for the same number
+    of steps as both stages together (7 epochs). The base's own 32 px result is the first row."""
+    runs = []
+    S = FINETUNE_SIZE
+    for seed in seeds:
+        base = Run("finetune_res", {"method": "32px (the base)", "seed": seed}, {}, {"seed": seed})
+        runs.append(base)
+        for mode in ("bilinear", "pad"):
+            runs.append(Run("finetune_res", {"method": f"{S}px fine-tune, {mode}", "seed": seed}, {"img_size": S},
+                            {"image_size": S, "epochs": 2, "lr": 3e-4, "warmup": 0.2, "seed": seed},
+                            init=(base, mode)))
+        runs.append(Run("finetune_res", {"method": f"{S}px from scratch", "seed": seed}, {"img_size": S},
+                        {"image_size": S, "epochs": 7, "seed": seed}))
+    return runs
+
+
 def class_subset(data, classes):
     """The images of some classes only, labelled 0..len(classes)-1 in the order given."""
     from .data import CIFAR10
@@ -138,7 +166,7 @@ def class_subset(data, classes):
 
 
 EXPERIMENTS = {"pool_lr": pool_lr, "pos_embed": pos_embed, "patch_size": patch_size, "data_scale": data_scale,
-               "transfer": transfer}
+               "transfer": transfer, "finetune_res": finetune_res}
 
 
 # ============================================================================= running
@@ -169,8 +197,21 @@ def execute(run: Run, data, runs_dir: Path, log_every: int = 0):
             data = class_subset(data, run.classes)
         info = {"experiment": run.experiment, "variant": run.variant, "command": " ".join(sys.argv),
                 "commit": _commit()}
+        init_state, mean, std = None, CIFAR10_MEAN, CIFAR10_STD
+        if run.init and state(run, runs_dir) == "new":
+            source, mode = run.init
+            if state(source, runs_dir) != "finished":
+                raise RuntimeError(f"{run.name} starts from run {source.name}, which has not finished")
+            # the source's final weights (not best.npz: picking the best by test accuracy would
+            # let the test set choose), its head kept (same classes), positions resampled by `mode`
+            model, loaded = _load_init(runs_dir / source.name / CHECKPOINT, num_classes=config.num_classes,
+                                       img_size=config.img_size, seed=recipe.seed, pos_resample=mode)
+            if model.config != config:
+                raise RuntimeError(f"{run.name}: the resampled model {model.config} is not the run's {config}")
+            init_state, mean, std = model.state_dict(), loaded["mean"], loaded["std"]
+            info.update(init=str(runs_dir / source.name / CHECKPOINT), pos_resample=mode)
         return train(config, data, recipe, runs_dir / run.name, resume=state(run, runs_dir) == "started",
-                     log_every=log_every, run_info=info)
+                     init_state=init_state, mean=mean, std=std, log_every=log_every, run_info=info)
     finally:
         lock.unlink(missing_ok=True)
 
@@ -243,7 +284,8 @@ def write_csv(experiment: str, runs: list, runs_dir: Path, results: Path = RESUL
 
 # How each experiment is drawn: the x axis, the column that makes one line each (or None), log x.
 PLOTS = {"pool_lr": ("lr", "pool", True), "pos_embed": ("pos_embed", None, False),
-         "patch_size": ("patch_size", None, False), "data_scale": ("train_images", None, True)}
+         "patch_size": ("patch_size", None, False), "data_scale": ("train_images", None, True),
+         "finetune_res": ("method", None, False), "transfer": ("pretrained_on", None, False)}
 
 
 def read_csv(experiment: str, results: Path = RESULTS) -> list[dict]:

@@ -146,3 +146,30 @@ def test_class_subset_relabels_and_the_transfer_run_trains_on_five_classes():
     assert run.classes == ex.SOURCE_CLASSES and config.num_classes == 5 and recipe.limit_train is None
     assert not set(ex.SOURCE_CLASSES) & set(ex.TARGET_CLASSES)
     assert recipe.epochs * 25_000 == 100_000                # the base's cost: 100,000 images seen
+
+
+def test_a_fine_tune_starts_from_its_source_run_resampled_and_needs_it_finished(tmp_path):
+    data = synthetic_data()
+    runs_dir = tmp_path / "runs"
+    source = ex.Run("tiny", {"seed": 0}, TINY, {**QUICK, "seed": 0})
+    tune = {mode: ex.Run("tiny", {"mode": mode, "seed": 0}, {**TINY, "img_size": 48},
+                         {**QUICK, "image_size": 48, "epochs": 1, "seed": 0}, init=(source, mode))
+            for mode in ("bilinear", "pad")}
+    assert tune["pad"].name.endswith("init=[" + source.name + "]:pad,seed=0")
+    with pytest.raises(RuntimeError, match="has not finished"):
+        ex.execute(tune["pad"], data, runs_dir)
+    ex.execute(source, data, runs_dir)
+    from minivit.checkpoint import load_checkpoint
+    from minivit.pretrained import resample_pos_embed
+    source_state, _, _ = load_checkpoint(runs_dir / source.name / "checkpoint.npz")
+    for mode, run in tune.items():
+        assert ex.execute(run, data, runs_dir).status == "finished"
+        state, _, meta = load_checkpoint(runs_dir / run.name / "checkpoint.npz")
+        assert meta["config"]["img_size"] == 48 and meta["run"]["pos_resample"] == mode
+        assert meta["run"]["init"].endswith(source.name + "/checkpoint.npz")
+        assert state["pos_embed"].shape == (1, 145, 8)                     # 12 x 12 patches + [CLS]
+    # one epoch of fine-tuning moves the weights only a little: each starts near its own resampling
+    bilinear = load_checkpoint(runs_dir / tune["bilinear"].name / "checkpoint.npz")[0]["pos_embed"]
+    pad = load_checkpoint(runs_dir / tune["pad"].name / "checkpoint.npz")[0]["pos_embed"]
+    expected = resample_pos_embed(source_state["pos_embed"].astype(np.float64), 12)
+    assert np.abs(bilinear - expected).max() < np.abs(pad - expected).max()
