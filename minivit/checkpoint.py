@@ -4,9 +4,13 @@ One file holds three kinds of entries:
 
     model/<name>   every parameter, by its timm name      e.g. model/blocks.0.attn.qkv.weight
     optim/<key>    every optimiser state array             e.g. optim/exp_avg.3
-    meta.json      one JSON string (a 0-d NumPy str array): the ViTConfig, the optimiser's
-                   scalars (lr, step counts), the epoch, the random generators' states,
-                   the training settings, the metrics so far, and a format version
+    meta.json      one JSON string (a 0-d NumPy str array): the model's kind ("vit", "hybrid",
+                   "resnet"; a file without it is a ViT's) and config, the optimiser's scalars
+                   (lr, step counts), the epoch, the random generators' states, the training
+                   settings, the metrics so far, and a format version
+
+A ResNet's or hybrid's model/ entries include the BatchNorm buffers (running averages and
+batch counters): not trained, but part of the state a resumed run must continue from.
 
 An .npz is a zip of .npy files, so anyone can open it with `np.load(path)`. Nothing in it
 is pickled, and it is always read with allow_pickle=False: loading a pickle runs whatever
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -23,9 +28,10 @@ from pathlib import Path
 import numpy as np
 
 from .backend import is_array, to_numpy
-from .config import ViTConfig
+from .config import CONFIG_CLASSES, KINDS, config_from_dict, model_kind
 from .optim import SGD, AdamW
 from .pretrained import check_parameter_shapes, read_npz_headers
+from .resnet import state_shapes
 
 FORMAT = "minivit-checkpoint"
 VERSION = 1                       # bump when the layout changes; load_checkpoint refuses others
@@ -33,7 +39,7 @@ META_KEY = "meta.json"
 MODEL_PREFIX = "model/"
 OPTIM_PREFIX = "optim/"
 # Keys of meta.json that save_checkpoint fills in itself; `extra` may not reuse them.
-RESERVED_META_KEYS = ("format", "version", "config", "epoch", "rng", "optimizer")
+RESERVED_META_KEYS = ("format", "version", "model", "config", "epoch", "rng", "optimizer")
 # The largest meta.json read: it holds the config, the settings and one short row of metrics per
 # epoch (about 200 bytes), so even 10000 epochs stay far below. Checked from the entry's header
 # before it is read: a compressed entry can otherwise unpack to GBs. A module constant, for tests.
@@ -70,7 +76,8 @@ def _to_json(value, key="meta"):
 def save_checkpoint(path, model, optimizer, epoch: int, rng_state: dict, extra: dict | None = None) -> Path:
     """Write model weights, optimiser state and metadata to `path` (.npz) atomically.
 
-    model      a minivit Module (its config, `model.config`, is saved as a dict)
+    model      a minivit model: ViT, HybridViT or ResNet (its kind and config are saved, and its
+               state_dict(), buffers included)
     optimizer  a minivit Optimizer, or None (e.g. for best.npz, which only needs weights)
     epoch      the number of completed epochs
     rng_state  JSON-able random-generator states, e.g. {"data": rng.bit_generator.state}
@@ -107,6 +114,7 @@ def save_checkpoint(path, model, optimizer, epoch: int, rng_state: dict, extra: 
     meta = {
         "format": FORMAT,
         "version": VERSION,
+        "model": model_kind(model.config),
         "config": model.config.to_dict(),
         "epoch": int(epoch),
         "rng": rng_state,
@@ -151,7 +159,8 @@ def load_checkpoint(path) -> tuple[dict, dict | None, dict]:
     """Read a checkpoint written by save_checkpoint.
 
     Returns (state_dict, optimizer_state, meta):
-        state_dict       {parameter name: NumPy array}, for model.load_state_dict
+        state_dict       {parameter or buffer name: NumPy array}, for model.load_state_dict
+                         (checkpoint_config(meta) is the config, minivit.model.build_model the model)
         optimizer_state  the dict Optimizer.load_state_dict takes, or None if none was saved
         meta             the decoded meta.json (config, epoch, rng, ...)
 
@@ -179,6 +188,15 @@ def load_checkpoint(path) -> tuple[dict, dict | None, dict]:
     if meta.get("optimizer") is not None:
         optimizer_state = {**meta["optimizer"], **optim_arrays}
     return state_dict, optimizer_state, meta
+
+
+def checkpoint_config(meta: dict):
+    """The config of the model a checkpoint holds (ViTConfig, HybridConfig or ResNetConfig), by
+    the kind its meta records; files written before kinds were recorded hold ViTs."""
+    kind = meta.get("model", "vit")
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r} (known: {', '.join(KINDS)})")
+    return config_from_dict(meta.get("config"), kind)
 
 
 def read_checkpoint_meta(path) -> dict:
@@ -244,14 +262,16 @@ def _check_entries(headers: dict, meta: dict, path: Path):
     for it) needs: model/<name> for every parameter with its shape, optim/<state>.<index> shaped
     like a parameter, and nothing else. Only headers are read, nothing is built."""
     try:
-        config = ViTConfig.from_dict(meta.get("config"))
+        config = checkpoint_config(meta)
     except (ValueError, TypeError, OverflowError) as exc:
-        raise ValueError(f"{path}: the config in its {META_KEY} is not a valid ViTConfig ({exc})") from None
+        kind = meta.get("model", "vit")
+        what = CONFIG_CLASSES[kind].__name__ if kind in CONFIG_CLASSES else f"config (model kind {kind!r})"
+        raise ValueError(f"{path}: the config in its {META_KEY} is not a valid {what} ({exc})") from None
     model = {k[len(MODEL_PREFIX):]: h.shape for k, h in headers.items() if k.startswith(MODEL_PREFIX)}
     others = [k for k in headers if not k.startswith((MODEL_PREFIX, OPTIM_PREFIX)) and k != META_KEY]
     if others:
         raise ValueError(f"{path}: unexpected entry {others[0]!r} (expected model/..., optim/... or {META_KEY})")
-    expected = check_parameter_shapes(config, model, str(path), spell=lambda name: repr(MODEL_PREFIX + name))
+    expected = _check_model_entries(config, model, path)                  # the parameters' shapes
     shapes, n = set(expected.values()), len(expected)
     for key, header in headers.items():
         if header.dtype.kind not in "fiu" and key != META_KEY:
@@ -262,6 +282,43 @@ def _check_entries(headers: dict, meta: dict, path: Path):
                 raise ValueError(f"{path}: entry {key!r} of shape {header.shape} is not an optimiser state the "
                                  f"model can have (expected optim/<name>.<index> with name in {OPTIM_ARRAY_NAMES}, "
                                  f"index < {n}, shaped like a parameter)")
+
+
+def _check_model_entries(config, entries: dict, path: Path) -> dict:
+    """ValueError unless the model/ entries ({name: shape}) are exactly the state dict of the
+    config's model (a ViT's parameters; a ResNet's parameters and buffers; a hybrid's, both).
+    Returns {name: shape} of the parameters (the optimiser has state for those only)."""
+    spell = lambda name: repr(MODEL_PREFIX + name)       # noqa: E731
+    kind = model_kind(config)
+    if kind == "vit":
+        return check_parameter_shapes(config, entries, str(path), spell=spell)
+    prefix = "patch_embed.backbone." if kind == "hybrid" else ""
+    backbone = config.backbone_config if kind == "hybrid" else config
+    params = {}
+    if kind == "hybrid":                                  # the ViT that reads the feature map
+        vit_entries = {k: v for k, v in entries.items() if not k.startswith(prefix)}
+        params.update(check_parameter_shapes(config.vit_config, vit_entries, str(path), spell=spell))
+    # Count the file's residual blocks before listing the config's (a config may claim 10**9).
+    blocks = {m.group(1, 2) for m in map(re.compile(re.escape(prefix) + r"layer(\d+)\.(\d+)\.").match, entries) if m}
+    if len(blocks) != sum(backbone.layers):
+        raise ValueError(f"{path}: the config has {sum(backbone.layers)} residual blocks (layers="
+                         f"{backbone.layers}), the weights {len(blocks)}")
+    expected = {prefix + k: v for k, v in state_shapes(backbone).items()}
+    given = {k: v for k, v in entries.items() if k.startswith(prefix)}
+    missing = [n for n in expected if n not in given]
+    unexpected = [n for n in given if n not in expected]
+    if missing or unexpected:
+        raise ValueError(f"{path}: the weights do not match the config: missing {[spell(n) for n in missing[:6]]}"
+                         f"{' ...' * (len(missing) > 6)}, unexpected {[spell(n) for n in unexpected[:6]]}"
+                         f"{' ...' * (len(unexpected) > 6)}")
+    for name, shape in expected.items():
+        if tuple(given[name]) != shape:
+            raise ValueError(f"{path}: {spell(name)} has shape {tuple(given[name])}, but the config "
+                             f"({type(backbone).__name__} layers={backbone.layers}, widths={backbone.widths}) "
+                             f"needs {shape}")
+    buffers = set(state_shapes(backbone)) - set(state_shapes(backbone, buffers=False))
+    params.update({k: v for k, v in expected.items() if k[len(prefix):] not in buffers})
+    return params
 
 
 def _decode_meta(meta_array, path) -> dict:

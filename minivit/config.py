@@ -1,4 +1,9 @@
-"""ViTConfig: every size and option of a Vision Transformer, validated, with named presets.
+"""ViTConfig: every size and option of a Vision Transformer, validated, with named presets;
+HybridConfig: the same for the hybrid of the paper's §3.1 (a ResNet's feature map cut into
+patches); and the one namespace of every model's presets (ViT, hybrid, ResNet).
+
+Every config class names its model kind (`kind`: "vit", "hybrid", "resnet"); checkpoints record
+it, and config_from_dict / get_model_preset / minivit.model.build_model dispatch on it.
 
 Shape legend used across minivit:
     B batch, C channels, S image side, P patch side, N tokens (patches + 1 [CLS]),
@@ -12,6 +17,9 @@ import numbers
 from dataclasses import dataclass
 
 import numpy as np
+
+from .resnet import PRESETS as RESNET_PRESETS
+from .resnet import ResNetConfig
 
 POOLS = ("cls", "mean")
 # "learned": one learned vector per token (1, N, D), the paper's default.
@@ -33,6 +41,8 @@ MAX_SIZE = 2**31 - 1
 
 @dataclass(frozen=True)
 class ViTConfig:
+    kind = "vit"                 # the model kind (a class attribute, not a field): see CONFIG_CLASSES
+
     img_size: int = 224          # S: images are S x S
     patch_size: int = 16         # P: each patch is P x P x C
     in_chans: int = 3            # C
@@ -72,11 +82,7 @@ class ViTConfig:
             value = getattr(self, name)
             if isinstance(value, int) and value > MAX_SIZE:
                 raise ValueError(f"ViTConfig.{name}={value} is too large (at most {MAX_SIZE})")
-        if self.img_size % self.patch_size:
-            raise ValueError(
-                f"ViTConfig.img_size={self.img_size} is not divisible by patch_size={self.patch_size}; "
-                f"the image must tile exactly into patches"
-            )
+        self._check_patch_grid()
         if self.dim % self.heads:
             raise ValueError(
                 f"ViTConfig.dim={self.dim} is not divisible by heads={self.heads}; "
@@ -128,6 +134,13 @@ class ViTConfig:
             # and a token with zero variance would be divided by 0
             raise ValueError(f"ViTConfig.ln_eps={self.ln_eps!r} rounds to 0 in float32; use at least 1e-38")
 
+    def _check_patch_grid(self):
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"ViTConfig.img_size={self.img_size} is not divisible by patch_size={self.patch_size}; "
+                f"the image must tile exactly into patches"
+            )
+
     # Derived sizes, named as in the shape legend.
     @property
     def grid_size(self) -> int:
@@ -158,7 +171,7 @@ class ViTConfig:
         known = {f.name for f in dataclasses.fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise ValueError(f"unknown ViTConfig option(s) {unknown}; known options: {sorted(known)}")
+            raise ValueError(f"unknown {type(self).__name__} option(s) {unknown}; known options: {sorted(known)}")
         return dataclasses.replace(self, **overrides)
 
     def to_dict(self) -> dict:
@@ -167,7 +180,7 @@ class ViTConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ViTConfig":
         if not isinstance(d, dict):
-            raise TypeError(f"ViTConfig.from_dict expects a dict, got {type(d).__name__}")
+            raise TypeError(f"{cls.__name__}.from_dict expects a dict, got {type(d).__name__}")
         return cls().replace(**d)
 
 
@@ -204,3 +217,158 @@ def get_preset(name: str, **overrides) -> ViTConfig:
     if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+
+# ============================================================================= the hybrid
+
+@dataclass(frozen=True)
+class HybridConfig(ViTConfig):
+    """The hybrid architecture of the paper (§3.1): the patches are cut from a ResNet's feature
+    map instead of the image. The ResNet's stages (no pooling, no fc) turn images (C, S, S) into
+    a map (F, h, w); its P x P patches (P = 1 in the paper: every position of the map is a
+    token) are projected to D, and from there on it is the ViT of the ViTConfig fields:
+    [CLS], positions, blocks, norm, pool, head.
+
+    img_size and in_chans are the images' (the backbone's input); patch_size is a patch of the
+    feature map. The backbone_* fields (and bn_eps, bn_momentum) are the ResNetConfig of the
+    backbone (backbone_config), which has no fc (num_classes 0). The defaults are the paper's
+    R50+ViT-B/16: ResNet-50 without its 4th stage and with 9 blocks in the 3rd (224 -> a 14 x 14
+    map of 1024 channels), 1x1 patches, ViT-B (with BatchNorm where the paper's ResNet has
+    GroupNorm and standardised weights).
+    """
+
+    kind = "hybrid"
+
+    patch_size: int = 1                          # P on the feature map: 1 = every map position is a token
+    backbone_block: str = "bottleneck"           # the ResNetConfig fields of the backbone (its block, ...)
+    backbone_layers: tuple = (3, 4, 9)
+    backbone_widths: tuple = (64, 128, 256)
+    backbone_stem: str = "imagenet"
+    backbone_shortcut: str = "B"
+    bn_eps: float = 1e-5
+    bn_momentum: float = 0.1
+
+    def __post_init__(self):
+        # JSON gives lists back; the config is frozen and hashable, so the stages stay tuples
+        for name in ("backbone_layers", "backbone_widths"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        try:
+            backbone = self.backbone_config
+        except ValueError as exc:      # name the field as the hybrid spells it
+            message = str(exc)
+            for field in ("block", "layers", "widths", "stem", "shortcut"):
+                message = message.replace(f"ResNetConfig.{field} ", f"HybridConfig.backbone_{field} ")
+            message = message.replace("ResNetConfig.bn_", "HybridConfig.bn_").replace("ResNetConfig.", "HybridConfig.")
+            raise ValueError(message) from None
+        for name in ("bn_eps", "bn_momentum"):     # as validated and converted by ResNetConfig
+            object.__setattr__(self, name, getattr(backbone, name))
+        super().__post_init__()
+
+    def _check_patch_grid(self):
+        side = self.feature_size
+        if side % self.patch_size:
+            raise ValueError(f"HybridConfig: the backbone makes a {side}x{side} feature map of {self.img_size}x"
+                             f"{self.img_size} images, which patch_size={self.patch_size} does not tile exactly")
+
+    @property
+    def backbone_config(self) -> ResNetConfig:
+        """The backbone: a ResNet on the images, without fc."""
+        return ResNetConfig(block=self.backbone_block, layers=self.backbone_layers, widths=self.backbone_widths,
+                            stem=self.backbone_stem, shortcut=self.backbone_shortcut, num_classes=0,
+                            in_chans=self.in_chans, img_size=self.img_size, bn_eps=self.bn_eps,
+                            bn_momentum=self.bn_momentum)
+
+    @property
+    def feature_size(self) -> int:
+        """h = w: the side of the backbone's feature map."""
+        return self.backbone_config.feature_size
+
+    @property
+    def num_features(self) -> int:
+        """F: the channels of the backbone's feature map."""
+        return self.backbone_config.num_features
+
+    @property
+    def grid_size(self) -> int:
+        return self.feature_size // self.patch_size     # patches per side of the feature map
+
+    @property
+    def patch_dim(self) -> int:
+        return self.num_features * self.patch_size**2   # F * P * P values per patch
+
+    @property
+    def vit_config(self) -> ViTConfig:
+        """The ViT that reads the feature map as its image: (F, h, h) "images", the same patches,
+        width, blocks and head. Its parameters are the hybrid's, less the backbone."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(ViTConfig)}
+        return ViTConfig(**{**fields, "img_size": self.feature_size, "in_chans": self.num_features})
+
+
+HYBRID_PRESETS: dict[str, HybridConfig] = {
+    # The paper's R50+ViT-B/16 (Table 6 hybrids at 224 x 224, ImageNet head): 14 x 14 = 196 tokens.
+    "r50-vit-b16": HybridConfig(),
+    # For CIFAR-10: the stem and three one-block stages of a CIFAR ResNet (ResNet-8's: 16, 32, 64
+    # channels, option A shortcuts) take 32 x 32 images to an 8 x 8 map of 64 channels, whose 1x1
+    # patches are 64 tokens, as many as cifar-recipe's 4 x 4 patches give; then the blocks of
+    # cifar-recipe (D 192, 6 heads, MLP 384, mean pool, sin-cos positions, mimetic init), one fewer
+    # of them to pay for the backbone: 1.57M parameters and 234M FLOPs against cifar-recipe's
+    # 1.79M and 251M, and about its training time on a CPU (README "ResNet and the hybrid").
+    "cifar-hybrid": HybridConfig(img_size=32, patch_size=1, num_classes=10, dim=192, depth=5, heads=6, mlp_dim=384,
+                                 pool="mean", pos_embed="sincos2d", init="mimetic", backbone_block="basic",
+                                 backbone_layers=(1, 1, 1), backbone_widths=(16, 32, 64), backbone_stem="cifar",
+                                 backbone_shortcut="A"),
+}
+
+
+# ============================================================================= every kind of model
+
+# kind -> config class. minivit.model.build_model maps the same kinds to the model classes.
+CONFIG_CLASSES = {"vit": ViTConfig, "hybrid": HybridConfig, "resnet": ResNetConfig}
+KINDS = tuple(CONFIG_CLASSES)
+# Every preset of every kind, in one namespace (`minivit train --preset`, `minivit shapes --preset`).
+PRESETS_BY_KIND = {"vit": PRESETS, "hybrid": HYBRID_PRESETS, "resnet": RESNET_PRESETS}
+MODEL_PRESETS: dict = {}
+for _kind, _presets in PRESETS_BY_KIND.items():
+    _clash = sorted(set(_presets) & set(MODEL_PRESETS))
+    if _clash:
+        raise RuntimeError(f"preset names used by two kinds of model: {_clash}")
+    MODEL_PRESETS.update(_presets)
+
+
+def model_kind(config) -> str:
+    """"vit", "hybrid" or "resnet": the kind of model a config describes."""
+    for kind, cls in CONFIG_CLASSES.items():
+        if type(config) is cls:      # exact type: a HybridConfig is a ViTConfig too
+            return kind
+    raise TypeError(f"expected a model config ({', '.join(c.__name__ for c in CONFIG_CLASSES.values())}), "
+                    f"got {type(config).__name__}")
+
+
+def config_from_dict(d: dict, kind: str = "vit"):
+    """The config of a model of this kind from its to_dict() (a checkpoint's meta.json)."""
+    if kind not in CONFIG_CLASSES:
+        raise ValueError(f"unknown model kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    return CONFIG_CLASSES[kind].from_dict(d)
+
+
+def list_presets() -> str:
+    """Every preset name, grouped by kind, for messages and --help."""
+    return "; ".join(f"{kind}: {', '.join(presets)}" for kind, presets in PRESETS_BY_KIND.items())
+
+
+def get_model_preset(name: str, **overrides):
+    """The named preset of any kind (ViTConfig, HybridConfig or ResNetConfig), with any field
+    overridden: get_model_preset("resnet20", img_size=48). An unknown field names the kind."""
+    if not isinstance(name, str) or name not in MODEL_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {list_presets()}")
+    config = MODEL_PRESETS[name]
+    if not overrides:
+        return config
+    known = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown config option(s) {unknown} for {name!r}, a {model_kind(config)} model "
+                         f"({type(config).__name__}); its options: {', '.join(sorted(known))}")
+    return config.replace(**overrides)

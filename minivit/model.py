@@ -9,16 +9,22 @@
       -> norm, pool        (B, D)        the [CLS] token, or the mean of the patch tokens
       -> head              (B, K)        logits
 
-Shape legend: B batch, C channels, S image side, P patch side, G = S // P,
-N tokens, D width, K classes.
+The hybrid (paper §3.1, HybridViT below) differs in its first step only: a ResNet turns the
+images into a feature map (B, F, h, w), and the patches are cut from that map (1 x 1 in the paper).
+
+build_model(config) makes the model a config describes: ViT, HybridViT or minivit.resnet.ResNet.
+
+Shape legend: B batch, C channels, S image side, P patch side, G = S // P (the hybrid: h // P),
+N tokens, D width, F feature-map channels, K classes.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .backend import get_array_module, is_array
-from .config import ViTConfig, get_preset
+from .config import HybridConfig, ViTConfig, get_model_preset, model_kind
 from .modules import Block, LayerNorm, Linear, Module, Parameter, PatchEmbed, get_ops
+from .resnet import ModuleWithBuffers, ResNet
 
 
 def trunc_normal(rng: np.random.Generator, shape, std=0.02, bound=2.0):
@@ -59,15 +65,21 @@ class ViT(Module):
     the gradient of the images.
     """
 
+    config_class = ViTConfig
+
     def __init__(self, config: ViTConfig | str = "cifar-lesson", seed: int | np.random.Generator = 0):
+        name = type(self).__name__
         if isinstance(config, str):
-            config = get_preset(config)
-        if not isinstance(config, ViTConfig):
-            raise TypeError(f"ViT expects a ViTConfig or a preset name, got {type(config).__name__}")
+            config = get_model_preset(config)
+        if type(config) is not self.config_class:     # a HybridConfig is a ViTConfig, but not a ViT's
+            what = f"a {model_kind(config)} config" if type(config).__name__.endswith("Config") else \
+                type(config).__name__
+            raise TypeError(f"{name} expects a {self.config_class.__name__} or a preset name, got "
+                            f"{what}; minivit.model.build_model(config) makes the model of any config")
         self.config = cfg = config
         self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         D = cfg.dim
-        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, D)
+        self.patch_embed = self._make_patch_embed()
         self.cls_token = Parameter(np.zeros((1, 1, D), np.float32))
         G = cfg.grid_size
         if cfg.pos_embed == "learned":
@@ -90,6 +102,11 @@ class ViT(Module):
         self.head = Linear(D, cfg.num_classes) if cfg.num_classes > 0 else None
         self._cache = None
         self.init_weights(self.rng)
+
+    def _make_patch_embed(self):
+        """Images (B, C, S, S) -> patch embeddings (B, G*G, D)."""
+        cfg = self.config
+        return PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.dim)
 
     def init_weights(self, rng: np.random.Generator):
         """timm's scheme: truncated normal (std .02) for every weight matrix, the patch
@@ -275,3 +292,68 @@ class ViT(Module):
                              f"but the model is on the {self.device}; use model.to(...) or move the images")
         if not bool(get_array_module(x).isfinite(x).all()):
             raise ValueError("images contain NaN or infinite values")
+
+
+# ============================================================================= the hybrid (paper §3.1)
+
+class HybridEmbed(PatchEmbed):
+    """The hybrid's patch embedding (timm's HybridEmbed): `backbone`, a ResNet without pooling
+    and fc, turns the images into a feature map (B, F, h, w), and PatchEmbed cuts that map into
+    P x P patches and projects each to D (`proj`, a (D, F, P, P) kernel, timm's 1x1 convolution
+    when P = 1) exactly as it does with the pixels of an image."""
+
+    def __init__(self, backbone_config, patch_size, dim, rng):
+        self.backbone = ResNet(backbone_config, seed=rng)     # first: timm's order, backbone then proj
+        super().__init__(backbone_config.feature_size, patch_size, backbone_config.num_features, dim)
+
+    def forward(self, x):
+        fmap = self.backbone.forward_features(x, pool=False)  # (B, F, h, w)
+        return super().forward(fmap)                          # (B, G*G, D)
+
+    def backward(self, dout):
+        # forward: super().forward(fmap)  =>  the gradient of the feature map
+        dfmap = super().backward(dout)                        # (B, F, h, w)
+        # forward: fmap = backbone.forward_features(x, pool=False)
+        return self.backbone.backward(dfmap)                  # (B, C, S, S)
+
+
+class HybridViT(ModuleWithBuffers, ViT):
+    """The hybrid architecture (Dosovitskiy et al. §3.1): ViT with HybridEmbed as its patch
+    embedding. Everything after the patch embedding is ViT's own code (forward, backward,
+    keep_attention and attention_maps); the ResNet is ResNet's. Parameter names are timm's:
+    patch_embed.backbone.* for the ResNet (torchvision's names below that), patch_embed.proj for
+    the projection. state_dict() holds the backbone's BatchNorm buffers too (ModuleWithBuffers).
+
+    HybridViT(config_or_preset_name, seed=0), e.g. HybridViT("cifar-hybrid").
+    """
+
+    config_class = HybridConfig
+
+    def __init__(self, config: HybridConfig | str = "cifar-hybrid", seed: int | np.random.Generator = 0):
+        super().__init__(config, seed)
+
+    def _make_patch_embed(self):
+        cfg = self.config
+        return HybridEmbed(cfg.backbone_config, cfg.patch_size, cfg.dim, self.rng)
+
+    def init_weights(self, rng: np.random.Generator):
+        """ViT's scheme for the transformer and the projection; the ResNet's own (He-normal
+        convolutions, BatchNorm 1 and 0) for the backbone, as timm's hybrids keep their
+        backbone's. (ViT.init_weights walks every parameter, the backbone's included; those
+        are then drawn again.)"""
+        super().init_weights(rng)
+        self.patch_embed.backbone.init_weights(rng)
+
+
+# kind -> model class (minivit.config.CONFIG_CLASSES maps the same kinds to the config classes)
+MODEL_CLASSES = {"vit": ViT, "hybrid": HybridViT, "resnet": ResNet}
+
+
+def build_model(config, seed: int | np.random.Generator = 0):
+    """The model a config describes (ViTConfig -> ViT, HybridConfig -> HybridViT,
+    ResNetConfig -> ResNet), or that a preset name of any kind names. All three have one
+    interface: forward/backward, named_parameters, state_dict (buffers included) and
+    load_state_dict, train/eval, astype/to, seed, check_images, config."""
+    if isinstance(config, str):
+        config = get_model_preset(config)
+    return MODEL_CLASSES[model_kind(config)](config, seed=seed)

@@ -18,8 +18,8 @@ AdamW (torch.optim.AdamW, Loshchilov & Hutter 2019)
     m_hat = m / (1 - beta1^t),  v_hat = v / (1 - beta2^t)     bias correction
     p <- p - lr * m_hat / (sqrt(v_hat) + eps)
 
-Weight decay is normally kept off biases, LayerNorm parameters, `pos_embed` and
-`cls_token` (`param_groups` below). Parameters whose `.grad` is None are skipped: they
+Weight decay is normally kept off biases, LayerNorm and BatchNorm parameters, `pos_embed`
+and `cls_token` (`param_groups` below). Parameters whose `.grad` is None are skipped: they
 are neither moved nor decayed, and their state (step count, moving averages) waits.
 
 State arrays live on the parameter's device (NumPy or CuPy) and have its dtype; the
@@ -65,8 +65,9 @@ def _check_int(name, value, low=0):
 def param_groups(model: Module, weight_decay: float, no_decay_names=NO_DECAY_NAMES) -> list[dict]:
     """Split a model's parameters into a decayed and a non-decayed group, by name.
 
-    Decayed: weight matrices and the patch-embedding kernel (2-D and up). Not decayed:
-    every 1-D parameter (biases, LayerNorm scale and shift), any `*.bias`, and the names
+    Decayed: weight matrices, the patch-embedding kernel and convolution kernels (2-D and up).
+    Not decayed: every 1-D parameter (biases, LayerNorm and BatchNorm scale and shift), any
+    `*.bias`, and the names
     in `no_decay_names` (position embeddings and tables, `cls_token`). Shrinking a LayerNorm scale or a bias
     towards 0 does not make the model simpler, it only fights the fit.
 
@@ -348,6 +349,34 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, base_lr: float
         return base_lr
     progress = (step - warmup_steps) / (total_steps - warmup_steps)
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_step(step: int, total_steps: int, warmup_steps: int, base_lr: float, milestones, gamma: float = 0.1) -> float:
+    """The learning rate at `step` (0-based): linear warmup, then a step decay.
+
+    He et al.'s ResNet schedule (§4.2: lr 0.1, divided by 10 at 32k and 48k of 64k iterations):
+        lr = base_lr * w * gamma ** (the number of milestones <= step),
+    with the warmup factor w = (step + 1) / warmup_steps during the first warmup_steps steps (as
+    warmup_cosine) and 1 after. `milestones` are step numbers in [1, total_steps], in order: each
+    is the first step that runs at the lower rate (two equal ones divide by gamma twice there, as
+    the fractions of a very short run may round to the same step).
+    """
+    total_steps = _check_int("total_steps", total_steps, low=1)
+    warmup_steps = _check_int("warmup_steps", warmup_steps, low=0)
+    step = _check_int("step", step, low=0)
+    base_lr = _check_number("base_lr", base_lr)
+    gamma = _check_number("gamma", gamma, 0.0, 1.0)
+    if warmup_steps > total_steps:
+        raise ValueError(f"warmup_steps ({warmup_steps}) must not exceed total_steps ({total_steps})")
+    if step > total_steps:
+        raise ValueError(f"step ({step}) is past total_steps ({total_steps})")
+    milestones = list(milestones)
+    for m in milestones:
+        _check_int("a milestone", m, low=1)
+    if any(not 1 <= m <= total_steps for m in milestones) or milestones != sorted(milestones):
+        raise ValueError(f"milestones must be step numbers in [1, {total_steps}] in increasing order, got {milestones}")
+    warm = (step + 1) / warmup_steps if step < warmup_steps else 1.0
+    return base_lr * warm * gamma ** sum(m <= step for m in milestones)
 
 
 def clip_grad_norm(params, max_norm: float) -> float:

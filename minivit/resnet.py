@@ -43,6 +43,8 @@ MAX_SIZE = 2**31 - 1
 
 @dataclass(frozen=True)
 class ResNetConfig:
+    kind = "resnet"                            # the model kind (a class attribute, not a field)
+
     block: str = "basic"                       # "basic" (two 3x3) | "bottleneck" (1x1, 3x3, 1x1, expansion 4)
     layers: tuple = (2, 2, 2, 2)               # blocks per stage
     widths: tuple = (64, 128, 256, 512)        # each stage's width (a bottleneck outputs 4x this);
@@ -153,6 +155,45 @@ def get_preset(name: str, **overrides) -> ResNetConfig:
     if not isinstance(name, str) or name not in PRESETS:
         raise ValueError(f"unknown ResNet preset {name!r}; known presets: {', '.join(PRESETS)}")
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+
+def state_shapes(config: ResNetConfig, buffers: bool = True) -> dict:
+    """{name: shape} of every entry of ResNet(config).state_dict() (buffers=False: parameters
+    only), in its order, from the config alone: a checkpoint's entries are checked against it
+    before any model is built. A test checks it against a built ResNet."""
+    c = config
+    shapes = {}
+
+    def conv(prefix, cin, cout, k):
+        shapes[prefix + "weight"] = (cout, cin, k, k)
+
+    def bn(prefix, channels):
+        shapes.update({prefix + "weight": (channels,), prefix + "bias": (channels,)})
+        if buffers:
+            shapes.update({prefix + "running_mean": (channels,), prefix + "running_var": (channels,),
+                           prefix + "num_batches_tracked": ()})
+
+    conv("conv1.", c.in_chans, c.widths[0], 7 if c.stem == "imagenet" else 3)
+    bn("bn1.", c.widths[0])
+    cin = c.widths[0]
+    for i, (depth, width) in enumerate(zip(c.layers, c.widths)):
+        for j in range(depth):
+            stride = 2 if (i > 0 and j == 0) else 1
+            cout = width * c.expansion
+            prefix = f"layer{i + 1}.{j}."
+            if c.block == "basic":
+                conv(prefix + "conv1.", cin, width, 3), bn(prefix + "bn1.", width)
+                conv(prefix + "conv2.", width, width, 3), bn(prefix + "bn2.", width)
+            else:
+                conv(prefix + "conv1.", cin, width, 1), bn(prefix + "bn1.", width)
+                conv(prefix + "conv2.", width, width, 3), bn(prefix + "bn2.", width)
+                conv(prefix + "conv3.", width, cout, 1), bn(prefix + "bn3.", cout)
+            if c.shortcut == "C" or (c.shortcut == "B" and (stride != 1 or cin != cout)):
+                conv(prefix + "downsample.0.", cin, cout, 1), bn(prefix + "downsample.1.", cout)
+            cin = cout
+    if c.num_classes > 0:
+        shapes.update({"fc.weight": (c.num_classes, cin), "fc.bias": (c.num_classes,)})
+    return shapes
 
 
 # ============================================================================= layers
@@ -335,7 +376,67 @@ def _named_modules(module, prefix):
         yield from _named_modules(child, f"{prefix}{name}.")
 
 
-class ResNet(Module):
+class ModuleWithBuffers(Module):
+    """A Module whose state_dict also holds its submodules' buffers: arrays a module lists in
+    BUFFERS (BatchNorm2d's running averages and batch counter), kept and saved but not trained.
+    ResNet is one; so is the hybrid ViT (minivit.model.HybridViT), whose patch embedding holds
+    a ResNet: a checkpoint of either must restore the running averages, or a resumed run would
+    normalise with other statistics than the run that never stopped."""
+
+    def named_modules(self):
+        """(name prefix, module) for this module ("") and every module below it ("layer1.0."),
+        parents before children, as torch walks them."""
+        return _named_modules(self, "")
+
+    def named_buffers(self):
+        """(name, array) for every buffer (BatchNorm running average and batch counter)."""
+        for prefix, m in self.named_modules():
+            for name in getattr(m, "BUFFERS", ()):
+                yield prefix + name, getattr(m, name)
+
+    def state_dict(self) -> dict:
+        """{name: array} for every parameter and buffer, in torch's order (each module's
+        parameters, then its buffers, then its children's); the arrays are the live ones."""
+        state = {}
+        for prefix, m in self.named_modules():
+            for name, value in vars(m).items():
+                if isinstance(value, Parameter):
+                    state[prefix + name] = value.data
+            for name in getattr(m, "BUFFERS", ()):
+                state[prefix + name] = getattr(m, name)
+        return state
+
+    def load_state_dict(self, state: dict, strict: bool = True):
+        """Copy arrays into the parameters and buffers (a torchvision state dict converted to
+        NumPy loads as is), checking every name and shape first: nothing changes unless all
+        pass. strict=False allows missing and unexpected keys and returns them."""
+        if not isinstance(state, dict):
+            raise TypeError(f"load_state_dict expects a dict of arrays, got {type(state).__name__}")
+        targets = self.state_dict()                                    # name -> the live array
+        missing = [k for k in targets if k not in state]
+        unexpected = [k for k in state if k not in targets]
+        if strict and (missing or unexpected):
+            raise KeyError(f"state dict does not match the model: missing keys {missing}, unexpected keys {unexpected}")
+        staged = {}
+        for name, value in state.items():
+            if name not in targets:
+                continue
+            target = targets[name]
+            if not (is_array(value) or isinstance(value, (list, tuple, numbers.Number))):
+                raise TypeError(f"state dict entry {name!r} must be an array, got {type(value).__name__}")
+            arr = value if is_array(value) else np.asarray(value)
+            if tuple(arr.shape) != tuple(target.shape):
+                raise ValueError(f"state dict entry {name!r} has shape {tuple(arr.shape)}, "
+                                 f"the model expects {tuple(target.shape)}")
+            if arr.dtype.kind not in "fiu":
+                raise TypeError(f"state dict entry {name!r} has non-numeric dtype {arr.dtype}")
+            staged[name] = to_device(arr, device_of(target))
+        for name, arr in staged.items():
+            targets[name][...] = arr.astype(targets[name].dtype, copy=False)
+        return missing, unexpected
+
+
+class ResNet(ModuleWithBuffers):
     """A ResNet with torchvision's parameter names (conv1, bn1, layer1.0.conv1,
     layer2.0.downsample.0, fc, ...) and the interface of minivit.ViT, so one training loop
     drives both.
@@ -455,59 +556,6 @@ class ResNet(Module):
             dx = cnn_ops.maxpool2d_backward(dx, maxpool_cache)         # (B, C0, S/2, S/2)
         dx = cnn_ops.relu_backward(dx, relu_cache)
         return self.conv1.backward(self.bn1.backward(dx))              # (B, C, S, S)
-
-    # ------------------------------------------------------------------ buffers and state
-    def named_modules(self):
-        """(name prefix, module) for this module ("") and every module below it ("layer1.0."),
-        parents before children, as torch walks them."""
-        return _named_modules(self, "")
-
-    def named_buffers(self):
-        """(name, array) for every BatchNorm running average and batch counter."""
-        for prefix, m in self.named_modules():
-            for name in getattr(m, "BUFFERS", ()):
-                yield prefix + name, getattr(m, name)
-
-    def state_dict(self) -> dict:
-        """{name: array} for every parameter and buffer, in torch's order (each module's
-        parameters, then its buffers, then its children's); the arrays are the live ones."""
-        state = {}
-        for prefix, m in self.named_modules():
-            for name, value in vars(m).items():
-                if isinstance(value, Parameter):
-                    state[prefix + name] = value.data
-            for name in getattr(m, "BUFFERS", ()):
-                state[prefix + name] = getattr(m, name)
-        return state
-
-    def load_state_dict(self, state: dict, strict: bool = True):
-        """Copy arrays into the parameters and buffers (a torchvision state dict converted to
-        NumPy loads as is), checking every name and shape first: nothing changes unless all
-        pass. strict=False allows missing and unexpected keys and returns them."""
-        if not isinstance(state, dict):
-            raise TypeError(f"load_state_dict expects a dict of arrays, got {type(state).__name__}")
-        targets = self.state_dict()                                    # name -> the live array
-        missing = [k for k in targets if k not in state]
-        unexpected = [k for k in state if k not in targets]
-        if strict and (missing or unexpected):
-            raise KeyError(f"state dict does not match the model: missing keys {missing}, unexpected keys {unexpected}")
-        staged = {}
-        for name, value in state.items():
-            if name not in targets:
-                continue
-            target = targets[name]
-            if not (is_array(value) or isinstance(value, (list, tuple, numbers.Number))):
-                raise TypeError(f"state dict entry {name!r} must be an array, got {type(value).__name__}")
-            arr = value if is_array(value) else np.asarray(value)
-            if tuple(arr.shape) != tuple(target.shape):
-                raise ValueError(f"state dict entry {name!r} has shape {tuple(arr.shape)}, "
-                                 f"the model expects {tuple(target.shape)}")
-            if arr.dtype.kind not in "fiu":
-                raise TypeError(f"state dict entry {name!r} has non-numeric dtype {arr.dtype}")
-            staged[name] = to_device(arr, device_of(target))
-        for name, arr in staged.items():
-            targets[name][...] = arr.astype(targets[name].dtype, copy=False)
-        return missing, unexpected
 
     # ------------------------------------------------------------------ input checks
     def check_images(self, x):

@@ -1,20 +1,25 @@
-"""Walk one image through a ViT and list every step: its tensor shape, its parameters and
-its forward FLOPs (a multiply-add counts as 2 FLOPs; only matrix products are counted,
-which are >99% of the work at the paper's sizes).
+"""Walk one image through a model and list every step: its tensor shape, its parameters and
+its forward FLOPs (a multiply-add counts as 2 FLOPs; only matrix products are counted -
+linear layers, attention's two products, convolutions - which are >99% of the work at the
+paper's sizes; normalisation, activations and additions are not).
 
     minivit shapes --preset vit-b16
     minivit shapes --preset cifar-lesson --set depth=6 --set pool=mean
+    minivit shapes --preset resnet20                  # a ResNet, block by block
+    minivit shapes --preset cifar-hybrid              # the hybrid: the ResNet stages, then the ViT
 
 The counts come from the config alone, so even ViT-H/14 is walked without allocating it.
 Shape legend: C channels, S image side, P patch side, G = S // P, N tokens, D width,
-H heads, hs head size, F MLP width, K classes.
+H heads, hs head size, F MLP width (a ResNet's or hybrid's: feature-map channels), K classes.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
-from .config import PRESETS, ViTConfig, get_preset
+from .cnn_ops import output_size
+from .config import HybridConfig, ViTConfig, get_model_preset, list_presets, model_kind
+from .resnet import ResNetConfig
 
 
 @dataclass(frozen=True)
@@ -30,8 +35,17 @@ def _dims(*sizes):
     return " x ".join(str(s) for s in sizes)
 
 
-def walk(config: ViTConfig) -> list[Step]:
-    """Every step of the forward pass for one image, in order."""
+def walk(config) -> list[Step]:
+    """Every step of the forward pass for one image, in order (any kind of model)."""
+    kind = model_kind(config)
+    if kind == "resnet":
+        return walk_resnet(config)
+    if kind == "hybrid":
+        return walk_hybrid(config)
+    return walk_vit(config)
+
+
+def walk_vit(config: ViTConfig) -> list[Step]:
     c = config
     S, P, C, G, N, D, H, hs, F, K = (c.img_size, c.patch_size, c.in_chans, c.grid_size, c.num_tokens,
                                      c.dim, c.heads, c.head_size, c.hidden_dim, c.num_classes)
@@ -85,6 +99,81 @@ def walk(config: ViTConfig) -> list[Step]:
     return steps
 
 
+def walk_resnet(config: ResNetConfig, prefix: str = "", head: bool = True) -> list[Step]:
+    """A ResNet: the stem, the first block of each stage step by step, the stage's other blocks
+    (all alike) as one row, then pool and fc. head=False stops at the last feature map (the
+    hybrid's backbone); prefix goes before every module name."""
+    c = config
+    steps = [] if prefix else [Step("image", _dims(c.in_chans, c.img_size, c.img_size), 0, 0, "C x S x S")]
+
+    def conv(name, cin, cout, k, stride, padding, side, note=""):
+        out = output_size(side, k, stride, padding)
+        flops = 2 * cout * out * out * cin * k * k
+        return Step(prefix + name, _dims(cout, out, out), cout * cin * k * k, flops,
+                    note or f"{k}x{k} conv" + (f", stride {stride}" if stride > 1 else "")), out
+
+    def bn(name, channels, side):
+        return Step(prefix + name, _dims(channels, side, side), 2 * channels, 0, "BatchNorm (+ ReLU)")
+
+    side, w0 = c.img_size, c.widths[0]
+    if c.stem == "imagenet":
+        step, side = conv("conv1", c.in_chans, w0, 7, 2, 3, side)
+        steps += [step, bn("bn1", w0, side)]
+        side = output_size(side, 3, 2, 1)
+        steps.append(Step(prefix + "maxpool", _dims(w0, side, side), 0, 0, "3x3 max-pool, stride 2"))
+    else:
+        step, side = conv("conv1", c.in_chans, w0, 3, 1, 1, side)
+        steps += [step, bn("bn1", w0, side)]
+    cin = w0
+    for i, (depth, width) in enumerate(zip(c.layers, c.widths)):
+        cout = width * c.expansion
+        block_steps = []                                 # (steps of block j) for every block
+        for j in range(depth):
+            stride = 2 if (i > 0 and j == 0) else 1
+            name = f"layer{i + 1}.{j}."
+            rows, s_in = [], side
+            if c.block == "basic":
+                kernels = [("conv1", cin, width, 3, stride, 1), ("conv2", width, width, 3, 1, 1)]
+            else:
+                kernels = [("conv1", cin, width, 1, 1, 0), ("conv2", width, width, 3, stride, 1),
+                           ("conv3", width, cout, 1, 1, 0)]
+            for k, (conv_name, a, b, kernel, st, pad) in enumerate(kernels):
+                step, side = conv(name + conv_name, a, b, kernel, st, pad, side)
+                rows += [step, bn(f"{name}bn{k + 1}", b, side)]
+            if c.shortcut == "C" or (c.shortcut == "B" and (stride != 1 or cin != cout)):
+                step, _ = conv(name + "downsample.0", cin, cout, 1, stride, 0, s_in, "1x1 conv: the projection shortcut")
+                rows += [step, Step(prefix + name + "downsample.1", _dims(cout, side, side), 2 * cout, 0, "BatchNorm")]
+            elif stride != 1 or cin != cout:
+                rows.append(Step("+ shortcut", _dims(cout, side, side), 0, 0,
+                                 "every 2nd pixel, zero channels added (option A)"))
+            rows.append(Step("+ residual, ReLU", _dims(cout, side, side), 0, 0, "relu(main + shortcut)"))
+            block_steps.append(rows)
+            cin = cout
+        steps += block_steps[0]
+        if depth > 1:
+            rest = [s for rows in block_steps[1:] for s in rows]
+            steps.append(Step(f"{prefix}layer{i + 1}.1-{depth - 1}" if depth > 2 else f"{prefix}layer{i + 1}.1",
+                              _dims(cout, side, side), sum(s.params for s in rest), sum(s.flops for s in rest),
+                              f"{depth - 1} more block{'s' * (depth > 2)} like layer{i + 1}.0, stride 1"))
+    if head:
+        steps.append(Step(prefix + "pool", str(cin), 0, 0, "global average"))
+        if c.num_classes > 0:
+            steps.append(Step(prefix + "fc", str(c.num_classes), cin * c.num_classes + c.num_classes,
+                              2 * cin * c.num_classes, "logits"))
+    return steps
+
+
+def walk_hybrid(config: HybridConfig) -> list[Step]:
+    """The hybrid: the backbone's stages on the image, then the ViT of config.vit_config on
+    the feature map (its patches, [CLS], positions, blocks, head)."""
+    c = config
+    steps = [Step("image", _dims(c.in_chans, c.img_size, c.img_size), 0, 0, "C x S x S")]
+    steps += walk_resnet(c.backbone_config, prefix="patch_embed.backbone.", head=False)
+    steps.append(Step("feature map", _dims(c.num_features, c.feature_size, c.feature_size), 0, 0,
+                      "F x h x w: the ViT's \"image\""))
+    return steps + walk_vit(c.vit_config)[1:]
+
+
 def count_parameters(config: ViTConfig) -> int:
     """The number of trainable parameters, from the config alone."""
     return sum(s.params for s in walk(config))
@@ -117,10 +206,12 @@ def format_table(config: ViTConfig) -> str:
     return "\n".join(lines)
 
 
-def parse_overrides(pairs: list[str]) -> dict:
+def parse_overrides(pairs: list[str], config_class=ViTConfig) -> dict:
     """["depth=6", "pool=mean", "qkv_bias=false"] -> {"depth": 6, "pool": "mean", "qkv_bias": False},
-    each value converted to the type of the field it sets."""
-    fields = {f.name: f for f in dataclasses.fields(ViTConfig)}
+    each value converted to the type of the field of config_class (ViTConfig, HybridConfig,
+    ResNetConfig) it sets; tuples are written with commas: "layers=2,2,2"."""
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    kind = f" of a {config_class.kind} model ({config_class.__name__})" if config_class is not ViTConfig else ""
     out = {}
     for pair in pairs:
         if "=" not in pair:
@@ -128,10 +219,12 @@ def parse_overrides(pairs: list[str]) -> dict:
         key, raw = pair.split("=", 1)
         key = key.strip().replace("-", "_")
         if key not in fields:
-            raise ValueError(f"unknown config option {key!r}; known options: {', '.join(fields)}")
-        default = getattr(ViTConfig(), key)
+            raise ValueError(f"unknown config option {key!r}{kind}; known options: {', '.join(fields)}")
+        default = getattr(config_class(), key)
         try:
-            if isinstance(default, bool):
+            if isinstance(default, tuple):
+                value = tuple(int(v) for v in raw.split(","))
+            elif isinstance(default, bool):
                 if raw.lower() not in ("true", "false", "1", "0"):
                     raise ValueError
                 value = raw.lower() in ("true", "1")
@@ -142,22 +235,31 @@ def parse_overrides(pairs: list[str]) -> dict:
             else:
                 value = raw
         except ValueError:
+            expected = "integers separated by commas" if isinstance(default, tuple) else type(default).__name__
             raise ValueError(f"override {pair!r}: {raw!r} is not a valid value for {key} "
-                             f"(expected {type(default).__name__})") from None
+                             f"(expected {expected})") from None
         out[key] = value
     return out
 
 
+def preset_with_overrides(name: str, pairs: list[str]):
+    """The preset `name` (any kind) with `--set NAME=VALUE` pairs applied, each parsed as the
+    type of that kind's field; a field the kind does not have is an error that names the kind."""
+    config = get_model_preset(name)
+    return get_model_preset(name, **parse_overrides(pairs, type(config))) if pairs else config
+
+
 def register(subparsers):
-    p = subparsers.add_parser("shapes", help="print every step of a ViT with its shape, parameters and FLOPs")
-    p.add_argument("--preset", default="vit-b16", help=f"one of: {', '.join(PRESETS)} (default vit-b16)")
+    p = subparsers.add_parser("shapes", help="print every step of a model (ViT, hybrid, ResNet) with its shape, "
+                                             "parameters and FLOPs")
+    p.add_argument("--preset", default="vit-b16", help=f"one of: {list_presets()} (default vit-b16)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
-                   help="override a config field, e.g. --set depth=6 (repeatable)")
+                   help="override a config field, e.g. --set depth=6 or --set layers=2,2,2 (repeatable)")
     p.set_defaults(func=_run)
 
 
 def _run(args):
-    config = get_preset(args.preset, **parse_overrides(args.overrides))
+    config = preset_with_overrides(args.preset, args.overrides)
     print(f"{args.preset}: {config}")
     print(format_table(config))
     return 0

@@ -1,7 +1,13 @@
-"""Train a ViT on CIFAR-10 and evaluate checkpoints: `minivit train` and `minivit eval`.
+"""Train a model on CIFAR-10 and evaluate checkpoints: `minivit train` and `minivit eval`.
+
+One loop trains every kind of model minivit has - ViT, the hybrid ViT (paper §3.1) and ResNet -
+through the interface they share (minivit.model.build_model): the same data, augmentation,
+checkpoints, resume, curves and eval. The preset names the architecture.
 
     minivit train                                        # the recipe: cifar-recipe, 20 epochs, AdamW
     minivit train --preset cifar-lesson --epochs 5 --set depth=4
+    minivit train --preset resnet20 --optimizer sgd --schedule step   # He et al.'s recipe: SGD, lr 0.1 / 10 / 10
+    minivit train --preset cifar-hybrid                  # ResNet stages, then ViT blocks on their 8 x 8 map
     minivit train --resume --out runs/cifar-recipe-20250101-120000    # continue a stopped run
     minivit train --init runs/a/best.npz --image-size 48 --epochs 5   # fine-tune a 32 px run at 48 px (paper 3.2)
     minivit eval runs/cifar-recipe-20250101-120000/best.npz           # test accuracy of a saved model
@@ -15,11 +21,13 @@ One training step, as the loop in `train` writes it out:
       --model--> logits (B, K) --cross-entropy, label smoothing--> loss
       --backward--> every parameter's .grad --clip--> global norm <= clip_grad
       --AdamW--> new weights, at the learning rate of this step (linear warmup, then cosine to 0)
+                 (--optimizer sgd: SGD with momentum; --schedule step: lr / 10 at the milestones)
 
 The output directory (--out) holds:
 
-    checkpoint.npz   the last saved state: weights, AdamW state, both random generators, the
-                     settings, a fingerprint of the data and the metrics so far. --resume continues
+    checkpoint.npz   the last saved state: weights (and BatchNorm buffers), the optimiser's state,
+                     both random generators, the model's kind and config, the settings, a
+                     fingerprint of the data and the metrics so far. --resume continues
                      from it, on the same data only (--allow-other-data overrides that on purpose),
                      and first rewrites the three files below from it if a kill left them behind.
     best.npz         the weights with the best test accuracy so far (no optimiser state)
@@ -35,6 +43,10 @@ Data parallel (minivit.distributed): under `mpiexec -n K` every process (rank) r
 loop on its shard of each batch; the gradients are summed over the ranks, so all take the same
 step and hold the same weights. The checkpoint does not depend on K: a run resumes with any K,
 bit for bit with the same K, within float rounding with another (the sum's order changes).
+BatchNorm (ResNet, the hybrid's backbone) is not synchronised across ranks: each normalises with
+its own shard's statistics and keeps its own running averages; rank 0's are saved. So with
+BatchNorm a K-rank run is not the 1-rank run (a smaller batch per normalisation), and its
+evaluation differs slightly per rank.
 
 Fine-tuning at a higher resolution (paper section 3.2): --image-size S resizes both splits once,
 after loading (bilinear, minivit.data.resize_images), and the model must take S x S images: a new
@@ -69,13 +81,14 @@ from tqdm import tqdm
 
 from . import __version__, distributed
 from .backend import DEVICES, check_device, to_device, to_numpy
-from .checkpoint import DEFAULT_FILE_MODE, META_KEY, load_checkpoint, read_checkpoint_meta, save_checkpoint
-from .config import PRESETS, ViTConfig, get_preset
+from .checkpoint import (DEFAULT_FILE_MODE, META_KEY, checkpoint_config, load_checkpoint, read_checkpoint_meta,
+                         save_checkpoint)
+from .config import list_presets, model_kind
 from .data import CIFAR10_MEAN, CIFAR10_STD, augment, find_cifar10, load_cifar10, normalize, resize_images
-from .model import ViT
+from .model import ViT, build_model
 from .ops import cross_entropy_backward, cross_entropy_forward
-from .optim import AdamW, clip_grad_norm, param_groups, warmup_cosine
-from .shapes import parse_overrides
+from .optim import SGD, AdamW, clip_grad_norm, param_groups, warmup_cosine, warmup_step
+from .shapes import parse_overrides, preset_with_overrides
 
 
 def _option(name):
@@ -106,14 +119,21 @@ class Recipe:
     epochs: int = 20
     batch_size: int = 64
     lr: float = 1e-3                  # peak learning rate, reached at the end of warmup
-    weight_decay: float = 0.1         # AdamW's decoupled decay, on weight matrices only (optim.param_groups)
-    warmup: float = 2.0               # epochs of linear warmup (a fraction is fine), then cosine decay to 0
+    weight_decay: float = 0.1         # AdamW's decoupled decay (SGD: L2), on weight matrices and kernels only
+                                      # (optim.param_groups)
+    warmup: float = 2.0               # epochs of linear warmup (a fraction is fine), then the schedule
     label_smoothing: float = 0.1      # target: 0.9 on the true class + 0.1 / K spread over all classes
     clip_grad: float = 1.0            # largest global gradient norm; 0 turns clipping off
     seed: int = 0                     # initial weights, data order, augmentation, dropout
     limit_train: int | None = None    # use only the first N training images (quick runs, tests)
     limit_test: int | None = None     # evaluate on the first N test images only
     image_size: int | None = None     # resize both splits to S x S (bilinear) first; None: the data's own size
+    optimizer: str = "adamw"          # "adamw" | "sgd": SGD with momentum, weight decay added to the gradient (L2)
+    momentum: float = 0.9             # SGD's momentum (AdamW's is its beta1, 0.9)
+    nesterov: bool = False            # SGD: Nesterov momentum
+    schedule: str = "cosine"          # after warmup: "cosine" decay to 0, or "step": lr / 10 at each milestone
+    milestones: tuple = (0.5, 0.75)   # "step": where the lr is divided by 10, as fractions of the run's steps
+                                      # (He et al.: at 32k and 48k of 64k iterations)
 
     def __post_init__(self):
         # Messages name the command-line option, since that is where a bad value comes from.
@@ -133,6 +153,24 @@ class Recipe:
         for name in ("limit_train", "limit_test", "image_size"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), low=1)
+        for name, choices in (("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{_option(name)} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        _check_real("momentum", self.momentum, low=0.0)
+        if self.momentum >= 1:
+            raise ValueError(f"--momentum must be in [0, 1), got {self.momentum!r}")
+        if not isinstance(self.nesterov, bool):
+            raise TypeError(f"--nesterov must be True or False, got {self.nesterov!r}")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("--nesterov needs a --momentum above 0")
+        if not isinstance(self.milestones, (tuple, list)):
+            raise TypeError(f"--milestones must be fractions of the run, e.g. 0.5,0.75, got {self.milestones!r}")
+        object.__setattr__(self, "milestones", tuple(self.milestones))    # JSON gives a list back
+        for m in self.milestones:
+            _check_real("milestones", m)
+        if any(not 0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(set(self.milestones)):
+            raise ValueError(f"--milestones must be increasing fractions of the run between 0 and 1 (exclusive), "
+                             f"e.g. 0.5,0.75, got {','.join(map(str, self.milestones))}")
 
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **changes)
@@ -141,10 +179,17 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "step")
 RECIPE = Recipe()                      # the defaults of `minivit train`
 # Recipe fields added after checkpoints were first written, with the value that a checkpoint
 # without them was trained with: such a run resumes (and evaluates) as it was started.
-RECIPE_FIELDS_ADDED = {"image_size": None}
+RECIPE_FIELDS_ADDED = {"image_size": None, "optimizer": "adamw", "momentum": 0.9, "nesterov": False,
+                       "schedule": "cosine", "milestones": (0.5, 0.75)}
+# `--optimizer sgd` without --lr / --weight-decay / --clip-grad: He et al.'s CIFAR values (§4.2),
+# not AdamW's (an lr of 1e-3 barely moves SGD, 0.1 of L2 decay would swamp the gradient, and the
+# paper does not clip).
+SGD_DEFAULTS = {"lr": 0.1, "weight_decay": 1e-4, "clip_grad": 0.0}
 POS_RESAMPLE = ("bilinear", "pad")     # --pos-resample: how --init brings position embeddings to a new grid
 CROP_PADDING = 4                       # random crop padding at the data's own size (32 px for CIFAR-10)
 DEFAULT_PRESET = "cifar-recipe"
@@ -180,11 +225,12 @@ class TrainResult:
 
 # ============================================================================= the training loop
 
-def train(config: ViTConfig, data, recipe: Recipe, out_dir, *, resume: bool = False,
+def train(config, data, recipe: Recipe, out_dir, *, resume: bool = False,
           init_state: dict | None = None, mean=CIFAR10_MEAN, std=CIFAR10_STD,
           device: str = "cpu", log_every: int = 100, run_info: dict | None = None,
           allow_other_data: bool = False, dtype=np.float32) -> TrainResult:
-    """Train a ViT(config) on `data` with `recipe`, writing checkpoints and metrics to out_dir.
+    """Train the model of `config` (a ViTConfig, HybridConfig or ResNetConfig: build_model) on
+    `data` with `recipe`, writing checkpoints and metrics to out_dir.
 
     data        anything with uint8 train_images / test_images (n, C, S, S) and integer
                 train_labels / test_labels (n,), like minivit.data.CIFAR10; with
@@ -252,7 +298,7 @@ def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, d
         if comm.rank == 0:                       # rank 0 alone changes files; every rank reads
             _clean_for_resume(out_dir)
         state, optim_state, meta = load_checkpoint(checkpoint_path)
-        # Read and checked before ViT(config) allocates anything (load_checkpoint compares the
+        # Read and checked before the model allocates anything (load_checkpoint compares the
         # file's names and shapes with its config first): a small file must not make a big model.
         notes = _check_resume(meta, config, recipe, n_train, n_test, fingerprint, mean, std, checkpoint_path,
                               allow_other_data)
@@ -263,7 +309,7 @@ def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, d
                          f"so the weights differ from a run that kept {saved_ranks} by float rounding")
     elif comm.rank == 0:
         _check_new_out_dir(out_dir)
-    model = ViT(config, seed=recipe.seed)        # its Generator draws the initial weights, then dropout masks
+    model = _new_model(config, recipe.seed)      # its Generator draws the initial weights, then dropout masks
     model.astype(dtype)
     if init_state is not None:
         model.load_state_dict(init_state)
@@ -279,7 +325,7 @@ def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, d
         data_rng.bit_generator.state = meta["rng"]["data"]
         start_epoch, history, progress = meta["epoch"], meta["metrics"], meta["progress"]
     model.to(device)
-    optimizer = AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    optimizer = make_optimizer(model, recipe)
     if resume:
         optimizer.load_state_dict(optim_state)
     params = model.parameters()
@@ -361,7 +407,7 @@ def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, d
                     lo, hi = comm.shard(len(index))
                     x = normalize(to_device(images[lo:hi], device), mean, std, dtype)   # (b, C, S, S)
                     y = to_device(train_labels[index[lo:hi]], device)                   # (b,)
-                    lr = optimizer.lr = warmup_cosine(global_step, total_steps, warmup_steps, recipe.lr)
+                    lr = optimizer.lr = learning_rate(recipe, global_step, total_steps, warmup_steps)
 
                     comm.seed_dropout(model, recipe.seed, global_step)             # K > 1: masks per rank
                     logits = model(x)                                              # (b, K)
@@ -370,6 +416,7 @@ def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, d
                     model.backward(cross_entropy_backward(loss_cache))             # fills every p.grad
                     # The gradient of the whole batch's mean loss: the shards' gradients weighted by
                     # their share of the batch, summed over ranks (one all-reduce; nothing with K = 1).
+                    # (BatchNorm's batch statistics stay per rank, over its shard: see the docstring.)
                     comm.sum_gradients(params, (hi - lo) / len(index))
                     batch_loss, batch_correct = comm.sum([float(loss) * (hi - lo),
                                                           int((logits.argmax(axis=1) == y).sum())])
@@ -465,6 +512,33 @@ def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, d
     print(f"done: test accuracy {history[-1]['test_acc']:.4f} after {len(history)} epoch{'s' * (len(history) != 1)} "
           f"(best {best['test_acc']:.4f} at epoch {best['epoch']}); results in {out_dir}")
     return TrainResult("finished", len(history), history, out_dir)
+
+
+def _new_model(config, seed):
+    """build_model(config, seed), a ViT through this module's name `ViT` (which tests replace
+    with an instrumented subclass)."""
+    return ViT(config, seed=seed) if model_kind(config) == "vit" else build_model(config, seed)
+
+
+def make_optimizer(model, recipe: Recipe):
+    """The recipe's optimiser over optim.param_groups: weight decay on weight matrices and
+    convolution kernels only (not on biases, LayerNorm or BatchNorm, positions, [CLS])."""
+    groups = param_groups(model, recipe.weight_decay)
+    if recipe.optimizer == "sgd":
+        return SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.nesterov,
+                   weight_decay=recipe.weight_decay)
+    return AdamW(groups, lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+
+def learning_rate(recipe: Recipe, step: int, total_steps: int, warmup_steps: int) -> float:
+    """The learning rate of training step `step` (0-based, counted over the whole run): linear
+    warmup over warmup_steps, then cosine decay to 0 (optim.warmup_cosine), or for the "step"
+    schedule recipe.lr divided by 10 at each milestone, the fraction m of the run meaning step
+    round(m * total_steps) (optim.warmup_step)."""
+    if recipe.schedule == "step":
+        milestones = [min(max(round(m * total_steps), 1), total_steps) for m in recipe.milestones]
+        return warmup_step(step, total_steps, warmup_steps, recipe.lr, milestones)
+    return warmup_cosine(step, total_steps, warmup_steps, recipe.lr)
 
 
 def predict(model, images, batch_size, mean=CIFAR10_MEAN, std=CIFAR10_STD, device="cpu", flip=False):
@@ -584,14 +658,14 @@ class _StopOnSignal:
 
 # ============================================================================= checks
 
-def _check_image_size(config: ViTConfig, image_size):
+def _check_image_size(config, image_size):
     """--image-size S resizes the images to S x S; the model must be made for that size."""
     if image_size is not None and config.img_size != image_size:
         raise ValueError(f"--image-size {image_size} resizes the images to {image_size}x{image_size}, but the model "
                          f"takes {config.img_size}x{config.img_size} images; add --set img_size={image_size}")
 
 
-def _check_data(data, config: ViTConfig, image_size=None):
+def _check_data(data, config, image_size=None):
     """The data fits the model: as it is, or once resized to image_size x image_size."""
     for name in ("train_images", "train_labels", "test_images", "test_labels"):
         if not isinstance(getattr(data, name, None), np.ndarray):
@@ -701,9 +775,12 @@ def data_fingerprint(train_images, train_labels, test_images, test_labels) -> st
 
 
 def _saved_recipe(meta) -> dict:
-    """The recipe a checkpoint was trained with, fields added since it was saved filled in."""
+    """The recipe a checkpoint was trained with, fields added since it was saved filled in
+    (and JSON's lists made tuples again, as in Recipe)."""
     saved = meta.get("recipe")
-    return {**RECIPE_FIELDS_ADDED, **saved} if isinstance(saved, dict) else {}
+    if not isinstance(saved, dict):
+        return {}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in {**RECIPE_FIELDS_ADDED, **saved}.items()}
 
 
 def _check_resume(meta, config, recipe, n_train, n_test, fingerprint, mean, std, path, allow_other_data=False):
@@ -711,8 +788,11 @@ def _check_resume(meta, config, recipe, n_train, n_test, fingerprint, mean, std,
     problems, notes = [], []
     if "progress" not in meta or "rng" not in meta or meta.get("optimizer") is None:
         raise ValueError(f"{path} is not a training checkpoint that can be resumed (best.npz holds weights only)")
-    saved = ViTConfig.from_dict(meta["config"]).to_dict()   # a run saved before a new option gets its default
-    if saved != config.to_dict():
+    saved_config = checkpoint_config(meta)      # a run saved before a new option gets its default
+    saved = saved_config.to_dict()
+    if model_kind(saved_config) != model_kind(config):
+        problems.append(f"model differs (saved a {model_kind(saved_config)}, given a {model_kind(config)})")
+    elif saved != config.to_dict():
         diff = {k: (v, config.to_dict().get(k)) for k, v in saved.items() if config.to_dict().get(k) != v}
         problems.append(f"model config differs (saved vs given: {diff})")
     saved_recipe = _saved_recipe(meta)
@@ -841,24 +921,39 @@ def _load_data(data_path, limit_train, limit_test):
 def register(subparsers):
     r = RECIPE
     p = subparsers.add_parser(
-        "train", help="train a ViT on CIFAR-10 (the recipe by default)",
-        description="Train a ViT on CIFAR-10 with AdamW, linear warmup + cosine decay, label smoothing, "
-                    "random crop + flip. Writes checkpoint.npz, best.npz, metrics.csv and curves.png to --out.")
+        "train", help="train a ViT, hybrid or ResNet on CIFAR-10 (the ViT recipe by default)",
+        description="Train a model (ViT, hybrid ViT or ResNet: the preset names it) on CIFAR-10 with AdamW (or SGD "
+                    "with momentum), linear warmup + cosine decay (or step decay), label smoothing, random crop + "
+                    "flip. Writes checkpoint.npz, best.npz, metrics.csv and curves.png to --out.")
     p.add_argument("--preset", default=None,
-                   help=f"model preset (default {DEFAULT_PRESET}); one of: {', '.join(PRESETS)}")
+                   help=f"model preset (default {DEFAULT_PRESET}); by kind: {list_presets()}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
-                   help="override a model config field, e.g. --set depth=4 (repeatable)")
+                   help="override a field of the preset's config, e.g. --set depth=4, --set layers=2,2,2 (repeatable)")
     # Recipe options default to None, meaning "not given": the recipe's value is used, and a
     # resumed run can tell an option given on the command line from a default.
     p.add_argument("--epochs", type=int, metavar="N", help=f"number of epochs (default {r.epochs})")
     p.add_argument("--batch-size", type=int, metavar="N", help=f"images per step (default {r.batch_size})")
     p.add_argument("--lr", type=float, help=f"peak learning rate (default {r.lr})")
-    p.add_argument("--weight-decay", type=float, metavar="WD", help=f"AdamW weight decay (default {r.weight_decay})")
+    p.add_argument("--weight-decay", type=float, metavar="WD",
+                   help=f"weight decay: AdamW's decoupled one, SGD's L2 (default {r.weight_decay}; "
+                        f"{SGD_DEFAULTS['weight_decay']} with --optimizer sgd)")
     p.add_argument("--warmup", type=float, metavar="EPOCHS",
                    help=f"epochs of linear warmup, fractions allowed (default {r.warmup})")
     p.add_argument("--label-smoothing", type=float, metavar="S", help=f"label smoothing (default {r.label_smoothing})")
     p.add_argument("--clip-grad", type=float, metavar="NORM",
                    help=f"max global gradient norm, 0 = off (default {r.clip_grad})")
+    p.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help=f"adamw, or sgd (with momentum; then --lr, --weight-decay and --clip-grad default to He et "
+                        f"al.'s {SGD_DEFAULTS['lr']}, {SGD_DEFAULTS['weight_decay']} and {SGD_DEFAULTS['clip_grad']:g} "
+                        f"(off)) (default {r.optimizer})")
+    p.add_argument("--momentum", type=float, help=f"SGD's momentum (default {r.momentum})")
+    p.add_argument("--nesterov", action="store_true", default=None, help="SGD: Nesterov momentum")
+    p.add_argument("--schedule", choices=SCHEDULES,
+                   help=f"after warmup: cosine decay to 0, or step: lr / 10 at each of --milestones "
+                        f"(default {r.schedule})")
+    p.add_argument("--milestones", metavar="F,F",
+                   help=f"with --schedule step: fractions of the run where the lr is divided by 10 "
+                        f"(default {','.join(map(str, r.milestones))}, He et al.'s 32k and 48k of 64k iterations)")
     p.add_argument("--seed", type=int, metavar="N", help=f"random seed (default {r.seed})")
     p.add_argument("--limit-train", type=int, metavar="N", help="train on the first N training images only")
     p.add_argument("--limit-test", type=int, metavar="N", help="test on the first N test images only")
@@ -898,6 +993,14 @@ def register(subparsers):
     e.set_defaults(func=_run_eval)
 
 
+def _fractions(text):
+    """--milestones 0.5,0.75 -> (0.5, 0.75); Recipe checks the values."""
+    try:
+        return tuple(float(v) for v in text.split(",")) if text.strip() else ()
+    except ValueError:
+        raise ValueError(f"--milestones takes fractions separated by commas, e.g. 0.5,0.75, got {text!r}") from None
+
+
 def _run_train(args) -> int:
     # Under `mpiexec -n K` every rank runs this; an error on any of them stops them all, and
     # only rank 0 prints (minivit.distributed). Without a launcher, comm does nothing.
@@ -908,6 +1011,8 @@ def _run_train(args) -> int:
 
 def _run_train_on_rank(args, comm) -> int:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe) if getattr(args, f.name) is not None}
+    if "milestones" in given:
+        given["milestones"] = _fractions(given["milestones"])
     if args.log_every < 0:
         raise ValueError(f"--log-every must be >= 0, got {args.log_every}")
     if args.allow_other_data and not args.resume:
@@ -915,6 +1020,8 @@ def _run_train_on_rank(args, comm) -> int:
     if args.pos_resample is not None and not args.init and not args.resume:
         raise ValueError(f"--pos-resample {args.pos_resample} only applies with --init PATH (it says how pretrained "
                          f"position embeddings are brought to a new image size)")
+    if not args.resume:
+        _check_optimizer_options(given)
     if args.resume:
         # A resumed run continues with its saved model and recipe; options that would change
         # them are refused rather than quietly ignored.
@@ -923,7 +1030,7 @@ def _run_train_on_rank(args, comm) -> int:
         if comm.rank == 0:                       # rank 0 alone changes files
             _clean_for_resume(Path(args.out))
         meta = read_checkpoint_meta(Path(args.out) / CHECKPOINT)
-        saved = meta.get("recipe") or {}
+        saved = _saved_recipe(meta)
         changed = {k: v for k, v in given.items() if saved.get(k) != v}
         for name, value in (("preset", args.preset), ("set", args.overrides), ("init", args.init),
                             ("pos_resample", args.pos_resample)):
@@ -933,7 +1040,7 @@ def _run_train_on_rank(args, comm) -> int:
             raise ValueError(f"--resume continues {args.out} with its saved settings; remove "
                              + ", ".join(f"{_option(k)} {v}" for k, v in changed.items())
                              + " (or start a new run with a new --out)")
-        config, recipe = ViTConfig.from_dict(meta["config"]), Recipe(**_saved_recipe(meta))
+        config, recipe = checkpoint_config(meta), Recipe(**_saved_recipe(meta))
         mean, std = meta["normalize"]["mean"], meta["normalize"]["std"]
         # Without --data, look where the run found its data first (if that is still there).
         saved_data = (meta.get("run") or {}).get("data")
@@ -945,16 +1052,17 @@ def _run_train_on_rank(args, comm) -> int:
                        log_every=args.log_every, run_info=run_info, allow_other_data=args.allow_other_data)
         return result.exit_code
 
-    recipe = RECIPE.replace(**given)             # validates every value
-    overrides = parse_overrides(args.overrides)
+    defaults = SGD_DEFAULTS if given.get("optimizer") == "sgd" else {}
+    recipe = RECIPE.replace(**{**defaults, **given})    # validates every value
     init_state, mean, std = None, CIFAR10_MEAN, CIFAR10_STD
     if args.init:
         if args.preset:
             raise ValueError("--init takes the model from the pretrained file; leave out --preset")
         preset = Path(args.init).stem
+        overrides = parse_overrides(args.overrides)      # --init loads ViTs
     else:
         preset = args.preset or DEFAULT_PRESET
-        config = get_preset(preset, **overrides)
+        config = preset_with_overrides(preset, args.overrides)
         _check_image_size(config, recipe.image_size)    # before the data is loaded
     out_dir = Path(args.out) if args.out else Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     if comm.rank == 0:
@@ -989,6 +1097,17 @@ def _run_train_on_rank(args, comm) -> int:
     return result.exit_code
 
 
+def _check_optimizer_options(given: dict):
+    """Options that only mean something with another --optimizer or --schedule are refused,
+    not silently ignored."""
+    optimizer, schedule = given.get("optimizer", RECIPE.optimizer), given.get("schedule", RECIPE.schedule)
+    for name in ("momentum", "nesterov"):
+        if name in given and optimizer != "sgd":
+            raise ValueError(f"{_option(name)} applies to --optimizer sgd only (the optimizer is {optimizer})")
+    if "milestones" in given and schedule != "step":
+        raise ValueError(f"--milestones applies to --schedule step only (the schedule is {schedule})")
+
+
 def _load_init(path, num_classes, img_size, seed, pos_resample):
     """(model, info) of minivit.pretrained.load_pretrained for --init PATH, which may also be the
     checkpoint.npz or best.npz of a `minivit train` run: its weights and normalisation then pass
@@ -1000,7 +1119,11 @@ def _load_init(path, num_classes, img_size, seed, pos_resample):
     if not _is_train_checkpoint(path):
         return load_pretrained(path, num_classes=num_classes, img_size=img_size, seed=seed, pos_resample=pos_resample)
     state, _, meta = load_checkpoint(path)
-    source = PlainViT(ViTConfig.from_dict(meta["config"]))
+    config = checkpoint_config(meta)
+    if model_kind(config) != "vit":
+        raise ValueError(f"--init {path}: it holds a {model_kind(config)} model; --init starts ViTs from ViT weights "
+                         f"(it resamples their position embeddings), so a {model_kind(config)} run cannot be its source")
+    source = PlainViT(config)
     source.load_state_dict(state)
     norm = meta.get("normalize") or {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
     with tempfile.TemporaryDirectory() as folder:
@@ -1025,8 +1148,8 @@ def _check_new_out_dir_early(out_dir: Path):
 
 
 def _run_eval(args) -> int:
-    state, _, meta = load_checkpoint(args.checkpoint)
-    config = ViTConfig.from_dict(meta["config"])
+    state, _, meta = load_checkpoint(args.checkpoint)       # checked against its config before anything is built
+    config = checkpoint_config(meta)
     saved = _saved_recipe(meta)
     limit_test = args.limit_test if args.limit_test is not None else saved.get("limit_test")
     batch_size = args.batch_size if args.batch_size is not None else saved.get("batch_size", RECIPE.batch_size)
@@ -1035,8 +1158,8 @@ def _run_eval(args) -> int:
     _check_int("batch_size", batch_size, low=1)
     norm = meta.get("normalize") or {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
 
-    model = ViT(config)
-    model.load_state_dict(state)
+    model = _new_model(config, 0)
+    model.load_state_dict(state)                 # the BatchNorm running averages too: eval normalises with them
     model.to(args.device)
     saved_data = (meta.get("run") or {}).get("data")     # where training found its data
     data_path = args.data or (saved_data if saved_data and Path(saved_data).exists() else None)

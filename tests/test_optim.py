@@ -14,7 +14,7 @@ import pytest
 
 import minivit
 from minivit.modules import Parameter
-from minivit.optim import SGD, AdamW, clip_grad_norm, param_groups, warmup_cosine
+from minivit.optim import SGD, AdamW, clip_grad_norm, param_groups, warmup_cosine, warmup_step
 
 SHAPES = [(4, 3), (5,), (2, 3, 2)]
 STEPS = 6
@@ -330,6 +330,30 @@ def test_warmup_cosine_values():
 def test_warmup_cosine_rejects_nonsense(args, error):
     with pytest.raises(error):
         warmup_cosine(*args)
+
+
+def test_warmup_step_values():
+    """He et al.'s CIFAR schedule: 0.1, divided by 10 at 32k and 48k of 64k iterations (no warmup)."""
+    lr = lambda s: warmup_step(s, 64_000, 0, 0.1, [32_000, 48_000])   # noqa: E731
+    assert [lr(s) for s in (0, 31_999, 32_000, 47_999, 48_000, 64_000)] == \
+           [0.1, 0.1, 0.1 * 0.1, 0.1 * 0.1, 0.1 * 0.1 * 0.1, 0.1 * 0.1 * 0.1]
+    # warmup multiplies: 4 warmup steps, a milestone at step 2 inside it, gamma 0.5
+    assert [warmup_step(s, 8, 4, 1.0, [2], gamma=0.5) for s in range(6)] == [0.25, 0.5, 0.375, 0.5, 0.5, 0.5]
+    assert warmup_step(1, 1, 0, 1.0, [1, 1]) == 0.1 * 0.1              # two milestones on one step
+    assert warmup_step(5, 10, 2, 0.3, []) == 0.3                       # none: constant after warmup
+
+
+@pytest.mark.parametrize("args, error, message", [
+    ((0, 10, 0, 0.1, [5, 3]), ValueError, "in increasing order"),
+    ((0, 10, 0, 0.1, [0]), ValueError, "a milestone must be >= 1, got 0"),
+    ((0, 10, 0, 0.1, [11]), ValueError, r"in \[1, 10\]"),
+    ((0, 10, 0, 0.1, [2.5]), TypeError, "a milestone must be an integer"),
+    ((11, 10, 0, 0.1, [5]), ValueError, "past total_steps"),
+    ((0, 10, 0, 0.1, [5], 1.5), ValueError, "gamma"),
+])
+def test_warmup_step_rejects_nonsense(args, error, message):
+    with pytest.raises(error, match=message):
+        warmup_step(*args)
 
 
 def test_clip_grad_norm_closed_form():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from minivit.gradcheck import TOLERANCE, check_model
-from minivit.resnet import PRESETS, BatchNorm2d, ResNet, ResNetConfig, get_preset
+from minivit.resnet import PRESETS, BatchNorm2d, ResNet, ResNetConfig, get_preset, state_shapes
 
 # Two stages of two tiny blocks on 6 x 6 images, 2 input channels: every kind of layer, small.
 TINY = ResNetConfig(block="basic", layers=(2, 1), widths=(3, 4), stem="cifar", shortcut="A", num_classes=3,
@@ -414,3 +414,14 @@ def test_config_round_trip_and_presets():
         get_preset("resnet21")
     with pytest.raises(TypeError, match="ResNetConfig or a preset name"):
         ResNet(42)
+
+
+@pytest.mark.parametrize("cfg", [TINY, TINY.replace(shortcut="C"), TINY_BOTTLENECK, TINY_BOTTLENECK.replace(shortcut="A"),
+                                 TINY_BOTTLENECK.replace(num_classes=0)], ids=["A", "C", "bottleneck-B", "bottleneck-A",
+                                                                               "no-fc"])
+def test_state_shapes_from_the_config_are_the_models(cfg):
+    """What a checkpoint's entries are checked against before any model is built."""
+    model = ResNet(cfg)
+    assert state_shapes(cfg) == {name: tuple(a.shape) for name, a in model.state_dict().items()}
+    assert list(state_shapes(cfg)) == list(model.state_dict())
+    assert state_shapes(cfg, buffers=False) == {name: p.shape for name, p in model.named_parameters()}

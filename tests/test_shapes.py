@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from minivit import ViT, ViTConfig, get_preset
+from minivit import ViT, ViTConfig, get_model_preset, get_preset
 from minivit.cli import main
 from minivit.config import ABSOLUTE_POS_EMBEDS, POS_EMBEDS
 from minivit.shapes import count_flops, count_parameters, parse_overrides, walk
@@ -104,3 +104,22 @@ def test_parse_overrides_types():
 def test_parameter_count_of_every_position_embedding_matches_the_model(pos_embed, every_block):
     config = get_preset("cifar-lesson", pos_embed=pos_embed, pos_every_block=every_block, depth=2)
     assert count_parameters(config) == ViT(config).num_parameters()
+
+
+def test_resnet_walk_counts_parameters_and_flops(monkeypatch):
+    """ResNet-20 (He et al. §4.2) by hand: a 3x3 conv to 16 channels on 32 x 32, then per stage 2n = 6
+    3x3 convolutions at 16, 32, 64 channels on 32, 16, 8 pixels (the first of stages 2 and 3 reads
+    half the channels), fc 64 -> 10. A multiply-add is 2 FLOPs."""
+    from minivit.resnet import ResNet
+    from minivit.shapes import walk_resnet
+    macs = 32 * 32 * 16 * 3 * 9 + 6 * 32 * 32 * 16 * 16 * 9
+    for width, side in ((32, 16), (64, 8)):
+        macs += side * side * width * (width // 2) * 9 + 5 * side * side * width * width * 9
+    macs += 64 * 10
+    assert count_flops(get_model_preset("resnet20")) == 2 * macs            # 40.6M multiply-adds
+    monkeypatch.setattr(ResNet, "init_weights", lambda self, rng: None)     # counts need shapes only
+    for name in ("resnet20", "resnet110", "resnet18-cifar", "resnet50"):
+        config = get_model_preset(name)
+        assert count_parameters(config) == ResNet(config).num_parameters(), name
+    steps = [s.name for s in walk_resnet(get_model_preset("resnet50"))]
+    assert steps[:4] == ["image", "conv1", "bn1", "maxpool"] and "layer1.0.downsample.0" in steps
