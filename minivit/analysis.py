@@ -658,10 +658,9 @@ def load_model(path):
     """(model, info) from a checkpoint: an .npz written by `minivit train` (read with
     load_checkpoint, normalised with the mean and std it records), or anything load_pretrained
     reads. info: mean, std, class_names, data (where training found its data, or None), kind."""
-    from .checkpoint import META_KEY, load_checkpoint
-    from .config import ViTConfig
+    from .checkpoint import META_KEY, checkpoint_config, load_checkpoint
+    from .config import model_kind
     from .data import CIFAR10_MEAN, CIFAR10_STD
-    from .model import ViT
     from .pretrained import load_pretrained, read_npz_headers
     path = Path(path)
     if not path.exists():
@@ -674,7 +673,13 @@ def load_model(path):
             minivit_npz = True           # not an .npz at all: load_checkpoint says what it is
     if minivit_npz:
         state, _, meta = load_checkpoint(path)
-        model = ViT(ViTConfig.from_dict(meta["config"]))
+        config = checkpoint_config(meta)
+        if model_kind(config) != "vit":
+            # the panels read patch filters, positions and attention of a plain ViT
+            raise ValueError(f"minivit analyze reads ViT checkpoints; {str(path)!r} holds a "
+                             f"{model_kind(config)} model")
+        from .model import ViT
+        model = ViT(config)
         model.load_state_dict(state)
         norm = meta.get("normalize") or {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
         info = {"mean": tuple(norm["mean"]), "std": tuple(norm["std"]), "class_names": None,

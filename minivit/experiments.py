@@ -40,6 +40,7 @@ import numpy as np
 
 from .config import ViTConfig
 from .data import CIFAR10_MEAN, CIFAR10_STD
+from .shapes import count_parameters
 from .train import CHECKPOINT, METRICS, Recipe, _load_init, _write_atomically, read_metrics_csv, train
 
 RESULTS = Path(__file__).resolve().parent.parent / "lessons" / "results"
@@ -243,7 +244,7 @@ def row(run: Run, runs_dir: Path) -> dict:
     config, recipe = run.build()
     history = read_metrics_csv(runs_dir / run.name / METRICS)
     seconds = [float(h["epoch_seconds"]) for h in history]
-    params = sum(int(v) for v in _parameter_counts(config))
+    params = count_parameters(config)
     return {**run.variant,
             "params": params,
             "train_images": recipe.limit_train or "all", "epochs": recipe.epochs, "batch_size": recipe.batch_size,
@@ -255,15 +256,6 @@ def row(run: Run, runs_dir: Path) -> dict:
             "seconds_per_epoch": round(statistics.median(seconds), 1),
             "images_per_second": round(statistics.median(float(h["images_per_second"]) for h in history), 1),
             "run": run.name}
-
-
-def _parameter_counts(config):
-    from .pretrained import parameter_shapes
-    for shape in parameter_shapes(config).values():
-        n = 1
-        for s in shape:
-            n *= s
-        yield n
 
 
 def write_csv(experiment: str, runs: list, runs_dir: Path, results: Path = RESULTS) -> Path | None:

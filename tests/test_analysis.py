@@ -450,3 +450,12 @@ def test_analyze_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, messag
     assert main(["analyze", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("minivit analyze: error: ") and message in err[0], err
+
+
+def test_analyze_refuses_a_resnet_checkpoint_clearly(tmp_path):
+    from minivit.checkpoint import save_checkpoint
+    from minivit.resnet import ResNet, ResNetConfig
+    model = ResNet(ResNetConfig(layers=(1, 1, 1), widths=(4, 8, 8), stem="cifar", num_classes=10, img_size=16))
+    path = save_checkpoint(tmp_path / "resnet.npz", model, None, epoch=1, rng_state={})
+    with pytest.raises(ValueError, match="reads ViT checkpoints.*resnet"):
+        an.load_model(path)
