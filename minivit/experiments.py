@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ViTConfig
+from .config import ViTConfig, get_model_preset
 from .data import CIFAR10_MEAN, CIFAR10_STD
 from .shapes import count_parameters
 from .train import CHECKPOINT, METRICS, Recipe, _load_init, _write_atomically, read_metrics_csv, train
@@ -61,21 +61,25 @@ class Run:
     recipe: dict = field(default_factory=dict)   # Recipe fields changed from BASE_RECIPE (seed included)
     classes: tuple = ()                     # train on these CIFAR-10 classes only (relabelled 0..k-1); () = all
     init: tuple = ()                        # (run, pos_resample): start from that run's final weights
+    preset: str = ""                        # another model than the base ViT: a preset of any kind
 
     @property
     def name(self) -> str:
         """What differs from the base, e.g. "pool=cls,lr=0.003,seed=1": the run's directory name."""
         config, recipe = self.build()
-        changes = {k: v for k, v in config.to_dict().items() if getattr(BASE_CONFIG, k) != v}
+        base = BASE_CONFIG if not self.preset else get_model_preset(self.preset)
+        changes = {k: v for k, v in config.to_dict().items() if getattr(base, k) != v}
         changes.update({k: v for k, v in recipe.to_dict().items() if getattr(BASE_RECIPE, k) != v and k != "seed"})
         parts = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(changes.items())]
         if self.classes:
             parts.append("classes=" + "-".join(map(str, self.classes)))
         if self.init:
             parts.append(f"init=[{self.init[0].name}]:{self.init[1]}")
-        return ",".join(parts + [f"seed={recipe.seed}"])
+        return ",".join(([self.preset] if self.preset else []) + parts + [f"seed={recipe.seed}"])
 
     def build(self) -> tuple[ViTConfig, Recipe]:
+        if self.preset:
+            return get_model_preset(self.preset, **self.config), BASE_RECIPE.replace(**self.recipe)
         return BASE_CONFIG.replace(**self.config), BASE_RECIPE.replace(**self.recipe)
 
 
@@ -166,8 +170,29 @@ def class_subset(data, classes):
                    classes=[data.classes[c] for c in classes])
 
 
+# The CNN's recipe for the comparison (issue 20): He et al.'s SGD with momentum 0.9, but the
+# cosine schedule and weight decay 5e-4 that short CIFAR schedules use, no clipping.
+CNN_RECIPE = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "clip_grad": 0.0}
+
+
+def data_scale_cnn(seeds=SEEDS):
+    """The data-scale curve of a CNN (ResNet-20, 0.27M parameters, close to the base ViT's
+    0.31M) and of the hybrid, on exactly the data-scale experiment's data, images seen and
+    warmup: the paper's Figs. 3-4 comparison of a ResNet with a ViT at CIFAR scale."""
+    runs = []
+    for preset in ("resnet20", "cifar-hybrid"):
+        for n in (5_000, 10_000, 20_000, 50_000):
+            recipe = {**CNN_RECIPE, "limit_train": n, "epochs": 100_000 // n, "warmup": 20_000 / n}
+            if preset == "cifar-hybrid":
+                recipe = {"limit_train": n, "epochs": 100_000 // n, "warmup": 20_000 / n}
+            runs += [Run("data_scale_cnn", {"model": preset, "train_images": n, "seed": seed}, {},
+                         {**recipe, "seed": seed}, preset=preset) for seed in seeds]
+    return runs
+
+
 EXPERIMENTS = {"pool_lr": pool_lr, "pos_embed": pos_embed, "patch_size": patch_size, "data_scale": data_scale,
-               "transfer": transfer, "finetune_res": finetune_res}
+               "transfer": transfer, "finetune_res": finetune_res,
+               "data_scale_cnn": data_scale_cnn}
 
 
 # ============================================================================= running
@@ -277,7 +302,8 @@ def write_csv(experiment: str, runs: list, runs_dir: Path, results: Path = RESUL
 # How each experiment is drawn: the x axis, the column that makes one line each (or None), log x.
 PLOTS = {"pool_lr": ("lr", "pool", True), "pos_embed": ("pos_embed", None, False),
          "patch_size": ("patch_size", None, False), "data_scale": ("train_images", None, True),
-         "finetune_res": ("method", None, False), "transfer": ("pretrained_on", None, False)}
+         "finetune_res": ("method", None, False), "transfer": ("pretrained_on", None, False),
+         "data_scale_cnn": ("train_images", "model", True)}
 
 
 def read_csv(experiment: str, results: Path = RESULTS) -> list[dict]:

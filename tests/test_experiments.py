@@ -173,3 +173,17 @@ def test_a_fine_tune_starts_from_its_source_run_resampled_and_needs_it_finished(
     pad = load_checkpoint(runs_dir / tune["pad"].name / "checkpoint.npz")[0]["pos_embed"]
     expected = resample_pos_embed(source_state["pos_embed"].astype(np.float64), 12)
     assert np.abs(bilinear - expected).max() < np.abs(pad - expected).max()
+
+
+def test_a_run_of_another_kind_of_model_trains_through_the_same_runner(tmp_path):
+    data = synthetic_data()
+    run = ex.Run("tiny", {"model": "resnet20", "seed": 0}, {"layers": (1, 1, 1), "widths": (4, 8, 8)},
+                 {**QUICK, **ex.CNN_RECIPE, "seed": 0}, preset="resnet20")
+    assert run.name.startswith("resnet20,") and "optimizer=sgd" in run.name and "layers=" in run.name
+    assert ex.execute(run, data, tmp_path / "runs").status == "finished"
+    from minivit.checkpoint import read_checkpoint_meta
+    meta = read_checkpoint_meta(tmp_path / "runs" / run.name / "checkpoint.npz")
+    assert meta["model"] == "resnet" and meta["recipe"]["optimizer"] == "sgd"
+    row = ex.row(run, tmp_path / "runs")
+    from minivit.resnet import ResNet
+    assert row["model"] == "resnet20" and row["params"] == ResNet(run.build()[0]).num_parameters()
