@@ -364,6 +364,9 @@ def plot(experiment: str, rows: list[dict], path: Path):
         ax.set_xticks(range(len(order)), order)
     if log_x:
         ax.set_xscale("log")
+        values = sorted({float(r[x_name]) for r in rows})
+        ax.set_xticks(values, [f"{v:g}" for v in values])   # the values run, not 3x10^-4 ... labels
+        ax.minorticks_off()
     seeds = len({r["seed"] for r in rows})
     ax.set(xlabel=x_name, ylabel="test accuracy (%)", title=f"{experiment}: {seeds} seeds, a dot per run")
     ax.grid(alpha=0.3)
