@@ -196,6 +196,34 @@ class Module:
             params[name].data[...] = arr.astype(params[name].data.dtype, copy=False)
         return missing, unexpected
 
+    def check_images(self, x):
+        """For a whole model (one with a .config: ViT, ResNet, the hybrid): raise a clear error
+        unless x is a finite float batch (B, C, S, S) of the model's size, dtype and device."""
+        cfg = self.config
+        expected = f"(B, {cfg.in_chans}, {cfg.img_size}, {cfg.img_size})"
+        if not is_array(x):
+            raise TypeError(f"images must be a NumPy or CuPy array of shape {expected}, got {type(x).__name__}")
+        if x.ndim != 4 or tuple(x.shape[1:]) != (cfg.in_chans, cfg.img_size, cfg.img_size):
+            hint = ""
+            if x.ndim == 4 and x.shape[-1] == cfg.in_chans and x.shape[1] == cfg.img_size:
+                hint = " (channels-last? use x.transpose(0, 3, 1, 2))"
+            elif x.ndim == 3:
+                hint = " (a single image? add a batch axis with x[None])"
+            raise ValueError(f"images must have shape {expected}, got {tuple(x.shape)}{hint}")
+        if x.shape[0] == 0:
+            raise ValueError("images: the batch is empty (B = 0)")
+        if x.dtype.kind != "f":
+            raise TypeError(f"images must be floating point, got dtype {x.dtype} "
+                            f"(for uint8 pixels use x.astype(np.float32) / 255 and normalise)")
+        if x.dtype != self.dtype:
+            raise TypeError(f"images have dtype {x.dtype} but the model is {self.dtype}; "
+                            f"cast one of them (x.astype(...) or model.astype(...))")
+        if device_of(x) != self.device:
+            raise ValueError(f"images are on the {device_of(x)} but the model is on the {self.device}; "
+                             f"use model.to(...) or move the images")
+        if not bool(get_array_module(x).isfinite(x).all()):
+            raise ValueError("images contain NaN or infinite values")
+
     def _check_cache(self, cache):
         if cache is None:
             raise RuntimeError(
