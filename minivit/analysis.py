@@ -658,29 +658,15 @@ def load_model(path):
     """(model, info) from a checkpoint: an .npz written by `minivit train` (read with
     load_checkpoint, normalised with the mean and std it records), or anything load_pretrained
     reads. info: mean, std, class_names, data (where training found its data, or None), kind."""
-    from .checkpoint import META_KEY, checkpoint_config, load_checkpoint
-    from .config import model_kind
+    from .checkpoint import is_train_checkpoint, load_vit_checkpoint
     from .data import CIFAR10_MEAN, CIFAR10_STD
-    from .pretrained import load_pretrained, read_npz_headers
+    from .pretrained import load_pretrained
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
-    minivit_npz = False
-    if path.suffix.lower() == ".npz" and path.is_file():
-        try:
-            minivit_npz = META_KEY in read_npz_headers(path)
-        except ValueError:
-            minivit_npz = True           # not an .npz at all: load_checkpoint says what it is
-    if minivit_npz:
-        state, _, meta = load_checkpoint(path)
-        config = checkpoint_config(meta)
-        if model_kind(config) != "vit":
-            # the panels read patch filters, positions and attention of a plain ViT
-            raise ValueError(f"minivit analyze reads ViT checkpoints; {str(path)!r} holds a "
-                             f"{model_kind(config)} model")
-        from .model import ViT
-        model = ViT(config)
-        model.load_state_dict(state)
+    if is_train_checkpoint(path):
+        # the panels read the patch filters, positions and attention of a plain ViT
+        model, meta = load_vit_checkpoint(path, "minivit analyze reads ViT checkpoints")
         norm = meta.get("normalize") or {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
         info = {"mean": tuple(norm["mean"]), "std": tuple(norm["std"]), "class_names": None,
                 "data": (meta.get("run") or {}).get("data"), "kind": f"minivit train checkpoint, epoch {meta['epoch']}"}

@@ -354,3 +354,30 @@ def _check_rng_state(state, where):
     except (ValueError, TypeError, KeyError, OverflowError) as exc:
         raise ValueError(f"{where} is not a valid {kind} state ({type(exc).__name__}: {exc}); "
                          f"the file is damaged") from None
+
+
+def is_train_checkpoint(path) -> bool:
+    """A `minivit train` checkpoint is an .npz (a zip) with a meta.json entry; the paper's .npz
+    files have none. An .npz that is not a zip counts as one, so that load_checkpoint says
+    what is wrong with it."""
+    path = Path(path)
+    if path.suffix.lower() != ".npz" or not path.is_file():
+        return False
+    if not zipfile.is_zipfile(path):
+        return True
+    with zipfile.ZipFile(path) as archive:
+        return f"{META_KEY}.npy" in archive.namelist()
+
+
+def load_vit_checkpoint(path, why: str):
+    """(ViT with the checkpoint's weights, its meta) for commands that only make sense for a
+    ViT; `why` finishes the error for another kind of model: "... holds a resnet model; {why}"."""
+    from .config import model_kind
+    from .model import ViT
+    state, _, meta = load_checkpoint(path)
+    config = checkpoint_config(meta)
+    if model_kind(config) != "vit":
+        raise ValueError(f"{str(path)!r} holds a {model_kind(config)} model; {why}")
+    model = ViT(config)
+    model.load_state_dict(state)
+    return model, meta

@@ -72,7 +72,6 @@ import sys
 import tempfile
 import threading
 import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,8 +80,8 @@ from tqdm import tqdm
 
 from . import __version__, distributed
 from .backend import DEVICES, check_device, to_device, to_numpy
-from .checkpoint import (DEFAULT_FILE_MODE, META_KEY, checkpoint_config, load_checkpoint, read_checkpoint_meta,
-                         save_checkpoint)
+from .checkpoint import (DEFAULT_FILE_MODE, checkpoint_config, is_train_checkpoint, load_checkpoint,
+                         load_vit_checkpoint, read_checkpoint_meta, save_checkpoint)
 from .config import list_presets, model_kind
 from .data import CIFAR10_MEAN, CIFAR10_STD, augment, find_cifar10, load_cifar10, normalize, resize_images
 from .model import ViT, build_model
@@ -1113,18 +1112,12 @@ def _load_init(path, num_classes, img_size, seed, pos_resample):
     checkpoint.npz or best.npz of a `minivit train` run: its weights and normalisation then pass
     through a temporary timm-format file (save_pretrained), so that load_pretrained's new head and
     position resampling apply to them exactly as to any other file."""
-    from .model import ViT as PlainViT         # not the module-level name, which tests may replace
     from .pretrained import load_pretrained, save_pretrained
     path = Path(path)
-    if not _is_train_checkpoint(path):
+    if not is_train_checkpoint(path):
         return load_pretrained(path, num_classes=num_classes, img_size=img_size, seed=seed, pos_resample=pos_resample)
-    state, _, meta = load_checkpoint(path)
-    config = checkpoint_config(meta)
-    if model_kind(config) != "vit":
-        raise ValueError(f"--init {path}: it holds a {model_kind(config)} model; --init starts ViTs from ViT weights "
-                         f"(it resamples their position embeddings), so a {model_kind(config)} run cannot be its source")
-    source = PlainViT(config)
-    source.load_state_dict(state)
+    source, meta = load_vit_checkpoint(path, "--init starts ViTs from ViT weights (it resamples their position "
+                                             "embeddings), so it cannot be the source")
     norm = meta.get("normalize") or {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
     with tempfile.TemporaryDirectory() as folder:
         weights = save_pretrained(source, Path(folder) / "init.safetensors", mean=norm["mean"], std=norm["std"])
@@ -1132,14 +1125,6 @@ def _load_init(path, num_classes, img_size, seed, pos_resample):
                                       pos_resample=pos_resample)
     info.update(format=f"minivit train checkpoint, epoch {meta['epoch']}", source=str(path))
     return model, info
-
-
-def _is_train_checkpoint(path: Path) -> bool:
-    """A minivit checkpoint is an .npz (a zip) with a meta.json entry; the paper's .npz files have none."""
-    if path.suffix != ".npz" or not path.is_file() or not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return f"{META_KEY}.npy" in archive.namelist()
 
 
 def _check_new_out_dir_early(out_dir: Path):

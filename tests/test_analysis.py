@@ -457,5 +457,5 @@ def test_analyze_refuses_a_resnet_checkpoint_clearly(tmp_path):
     from minivit.resnet import ResNet, ResNetConfig
     model = ResNet(ResNetConfig(layers=(1, 1, 1), widths=(4, 8, 8), stem="cifar", num_classes=10, img_size=16))
     path = save_checkpoint(tmp_path / "resnet.npz", model, None, epoch=1, rng_state={})
-    with pytest.raises(ValueError, match="reads ViT checkpoints.*resnet"):
+    with pytest.raises(ValueError, match="holds a resnet model; minivit analyze reads ViT checkpoints"):
         an.load_model(path)

@@ -245,4 +245,4 @@ def test_cli_errors_name_the_kind_and_the_option(tmp_path, capsys, fake_cifar, a
 def test_init_refuses_a_resnet_run(tmp_path, capsys, fake_cifar, no_curves):
     train(RESNET, synthetic_data(), ADAMW_RECIPE.replace(epochs=1), tmp_path / "resnet")
     assert main(["train", "--init", str(tmp_path / "resnet" / "checkpoint.npz"), "--out", str(tmp_path / "ft")]) == 2
-    assert "it holds a resnet model; --init starts ViTs from ViT weights" in capsys.readouterr().err
+    assert "holds a resnet model; --init starts ViTs from ViT weights" in capsys.readouterr().err
