@@ -96,7 +96,8 @@ def test_the_shipped_recipe_weights_score_what_they_record(cifar_archive):
     model, meta = load_pretrained(WEIGHTS / "cifar-recipe.safetensors")
     notes = meta["notes"]
     assert model.config == get_preset("cifar-recipe")
-    assert notes["recipe"] == Recipe().to_dict() and notes["epochs"] == 20     # the recipe as minivit train runs it
+    assert Recipe(**notes["recipe"]) == Recipe() and notes["epochs"] == 20     # the recipe as minivit train runs it
+    # (compared as Recipes: fields added since, such as optimizer, take their defaults)
     assert notes["command"].startswith("minivit train")
     history = read_metrics_csv(WEIGHTS / "cifar-recipe.metrics.csv")
     assert [r["epoch"] for r in history] == list(range(1, 21))
@@ -107,4 +108,63 @@ def test_the_shipped_recipe_weights_score_what_they_record(cifar_archive):
     # The same weights and batches as when shipped; only a BLAS thread count could move a near tie.
     assert abs(correct - notes["float16_slice_correct"]) <= 2, (correct, notes["float16_slice_correct"])
     # float16 storage costs (almost) nothing: the shipped weights score what the run's float32 ones did
+    assert abs(notes["float16_test_correct"] / notes["float16_test_images"] - notes["run_test_accuracy"]) < 0.003
+
+
+# The first-1,000 count of lessons/weights/exp-base.safetensors, measured once when it was shipped
+# (ship.py's float16_slice_correct) and pinned here, so that a changed file or a changed forward
+# pass shows up as a different number.
+EXP_BASE_SLICE_CORRECT = 447
+
+
+def test_the_shipped_experiment_base_weights_score_what_they_record(cifar_archive):
+    """lessons/weights/exp-base.safetensors: the final weights of the experiments' base run
+    (minivit.experiments.BASE_CONFIG and BASE_RECIPE, seed 0: run "seed=0", which every experiment
+    shares), read by lesson 6; re-scored on the first 1,000 real test images."""
+    from minivit.data import load_cifar10
+    from minivit.experiments import BASE_CONFIG, BASE_RECIPE
+    from minivit.train import read_metrics_csv
+
+    model, meta = load_pretrained(WEIGHTS / "exp-base.safetensors")
+    notes = meta["notes"]
+    assert model.config == BASE_CONFIG
+    # Recipe(**...): fields added to Recipe after the run take their defaults, which is what the run used
+    assert Recipe(**notes["recipe"]) == BASE_RECIPE.replace(seed=0) and notes["epochs"] == BASE_RECIPE.epochs
+    assert notes["command"].startswith("python -m minivit.experiments pool_lr --runs") and "seed=0" in notes["command"]
+    history = read_metrics_csv(WEIGHTS / "exp-base.metrics.csv")
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4, 5]
+    assert history[-1]["test_acc"] == notes["run_test_accuracy"]
+    assert notes["float16_slice_correct"] == EXP_BASE_SLICE_CORRECT
+    data = load_cifar10(cifar_archive, limit=1000)
+    logits = predict(model, data.test_images, 250, meta["mean"], meta["std"])
+    correct = int((logits.argmax(axis=1) == data.test_labels).sum())
+    # The same weights and batches as when shipped; only a BLAS thread count could move a near tie.
+    assert abs(correct - EXP_BASE_SLICE_CORRECT) <= 2, (correct, EXP_BASE_SLICE_CORRECT)
+
+
+EXP_TRANSFER_SLICE_CORRECT = 623   # first 1,000 test images of classes 0-4, measured when shipped
+
+
+def test_the_shipped_transfer_weights_score_what_they_record(cifar_archive):
+    """lessons/weights/exp-transfer-0-4.safetensors: the transfer experiment's seed-0 run, trained on
+    CIFAR-10 classes 0-4 only (lesson 10); re-scored on the first 1,000 test images of those classes."""
+    from minivit.data import load_cifar10
+    from minivit.experiments import BASE_CONFIG, SOURCE_CLASSES, class_subset, transfer
+    from minivit.train import read_metrics_csv
+    model, meta = load_pretrained(WEIGHTS / "exp-transfer-0-4.safetensors")
+    notes = meta["notes"]
+    run = transfer((0,))[0]
+    config, recipe = run.build()
+    assert model.config == config == BASE_CONFIG.replace(num_classes=5)
+    assert Recipe(**notes["recipe"]) == recipe and notes["epochs"] == recipe.epochs == 4
+    assert meta["class_names"] == ["airplane", "automobile", "bird", "cat", "deer"]
+    assert notes["command"].startswith("python -m minivit.experiments transfer --runs") and run.name in notes["command"]
+    history = read_metrics_csv(WEIGHTS / "exp-transfer-0-4.metrics.csv")
+    assert [r["epoch"] for r in history] == [1, 2, 3, 4]
+    assert history[-1]["test_acc"] == notes["run_test_accuracy"]
+    assert notes["float16_test_images"] == 5000 and notes["float16_slice_correct"] == EXP_TRANSFER_SLICE_CORRECT
+    data = class_subset(load_cifar10(cifar_archive), SOURCE_CLASSES)
+    logits = predict(model, data.test_images[:1000], 250, meta["mean"], meta["std"])
+    correct = int((logits.argmax(axis=1) == data.test_labels[:1000]).sum())
+    assert abs(correct - EXP_TRANSFER_SLICE_CORRECT) <= 2, (correct, EXP_TRANSFER_SLICE_CORRECT)
     assert abs(notes["float16_test_correct"] / notes["float16_test_images"] - notes["run_test_accuracy"]) < 0.003
