@@ -17,7 +17,6 @@ import pytest
 from minivit import ViT, ViTConfig
 from minivit import data as data_mod
 from minivit import train as train_mod
-from minivit.backend import gpu_available
 from minivit.checkpoint import load_checkpoint
 from minivit.cli import main
 from minivit.data import CIFAR10, normalize, resize_images
@@ -174,15 +173,6 @@ def test_resize_images_bad_input(images, size, error, message):
     with pytest.raises(error) as caught:
         resize_images(images, size)
     assert message in str(caught.value)
-
-
-@pytest.mark.skipif(not gpu_available(), reason="needs CuPy and a CUDA device")
-def test_resize_images_on_the_gpu_equals_the_cpu():
-    import cupy
-    images = np.random.default_rng(2).integers(0, 256, (5, 3, 32, 32), dtype=np.uint8)
-    on_gpu = resize_images(cupy.asarray(images), 48)
-    assert isinstance(on_gpu, cupy.ndarray)
-    assert np.array_equal(cupy.asnumpy(on_gpu), resize_images(images, 48))
 
 
 # ============================================================================= minivit train --image-size
