@@ -16,32 +16,11 @@ rows of a relative position bias table, d channels of one axis's table, G2 the n
 """
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 
 from .. import ops, pretrained
-from . import Wrong, exercise, expect_close
-
-
-@contextlib.contextmanager
-def _by_hand(module, *names):
-    """Swap module.<name> for a function that raises Wrong while the learner's code runs."""
-    originals = {name: getattr(module, name) for name in names}
-
-    def refusing(name):
-        def refuse(*args, **kwargs):
-            raise Wrong(f"your function called {module.__name__}.{name}: the exercise is to compute it by hand "
-                        f"(NumPy only)")
-        return refuse
-
-    for name in names:
-        setattr(module, name, refusing(name))
-    try:
-        yield
-    finally:
-        for name, original in originals.items():
-            setattr(module, name, original)
+from . import Wrong, as_float_array, by_hand, exercise, expect_close
 
 
 def _as_array(name: str, got):
@@ -76,7 +55,7 @@ def check_sincos_2d(sincos_2d):
     cases = [(8, 1), (8, 3), (16, 4), (96, 8), (64, 5), (32, 14)]           # (D, G)
     for dim, G in cases:
         want = ops.sincos_2d_pos_embed(dim, G, dtype=np.float64)            # (1, N, D)
-        with _by_hand(ops, "sincos_2d_pos_embed"):
+        with by_hand(ops, "sincos_2d_pos_embed"):
             got = sincos_2d(dim, G)
         where = f"dim={dim}, grid_size={G}"
         got = _as_array(f"table for {where}", got)
@@ -129,7 +108,7 @@ def check_relative_index(relative_index):
     sizes = (1, 2, 3, 4, 7)
     for G in sizes:
         want = ops.relative_position_index(G)                               # (N, N)
-        with _by_hand(ops, "relative_position_index"):
+        with by_hand(ops, "relative_position_index"):
             got = relative_index(G)
         where = f"grid_size={G}"
         got = _as_array(f"index for {where}", got)
@@ -192,7 +171,7 @@ def check_resize_axis(resize_axis):
     for G, d, G2 in cases:
         table = rng.standard_normal((G, d)).cumsum(axis=0)                  # (G, d), rows that drift like a path
         want = pretrained.resample_axis_embed(table.copy(), G2)             # (G2, d)
-        with _by_hand(pretrained, "resample_axis_embed", "resample_pos_embed", "_linear_taps"):
+        with by_hand(pretrained, "resample_axis_embed", "resample_pos_embed", "_linear_taps"):
             got = resize_axis(table.copy(), G2)
         where = f"a ({G}, {d}) table resized to {G2} rows"
         got = _as_array(f"result for {where}", got)

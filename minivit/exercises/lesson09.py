@@ -14,29 +14,12 @@ D width, L blocks.
 """
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 
 from .. import analysis
 from ..ops import sincos_2d_pos_embed
-from . import Wrong, exercise, expect_close
-
-
-@contextlib.contextmanager
-def _by_hand(name: str):
-    """Swap minivit.analysis.<name> for a function that raises Wrong while the learner's code runs."""
-    original = getattr(analysis, name)
-
-    def refuse(*args, **kwargs):
-        raise Wrong(f"your function called minivit.analysis.{name}: the exercise is to compute it by hand "
-                    f"(NumPy only)")
-
-    setattr(analysis, name, refuse)
-    try:
-        yield
-    finally:
-        setattr(analysis, name, original)
+from . import Wrong, as_float_array, by_hand, exercise, expect_close
 
 
 def _random_maps(rng: np.random.Generator, B: int, H: int, N: int, prefix: int):
@@ -48,12 +31,6 @@ def _random_maps(rng: np.random.Generator, B: int, H: int, N: int, prefix: int):
         scores[..., :prefix] += 1.5
     e = np.exp(scores - scores.max(-1, keepdims=True))
     return e / e.sum(-1, keepdims=True)                                                # (B, H, N, N)
-
-
-def _as_float_array(name: str, got):
-    if not hasattr(got, "shape"):
-        raise Wrong(f"{name}: expected a NumPy array, got {type(got).__name__}")
-    return np.asarray(got, dtype=np.float64)
 
 
 @exercise("the cosine-similarity grid of a position table")
@@ -71,10 +48,10 @@ def check_position_similarity(position_similarity):
     tables.append((sincos_2d_pos_embed(64, 8, dtype=np.float64)[0], 8, 1))                 # (65, 64), the recipe's kind
     for table, G, prefix in tables:
         want = analysis.pos_embed_similarity(table.copy(), G, prefix_tokens=prefix)          # (G, G, G, G)
-        with _by_hand("pos_embed_similarity"):
+        with by_hand(analysis, "pos_embed_similarity"):
             got = position_similarity(table.copy(), G, prefix)
         where = f"a ({table.shape[0]}, {table.shape[1]}) table, grid_size={G}, prefix_tokens={prefix}"
-        got = _as_float_array(f"similarity for {where}", got)
+        got = as_float_array(f"similarity for {where}", got)
         if got.shape == want.shape and np.allclose(got, want.transpose(1, 0, 3, 2), atol=1e-9) \
                 and not np.allclose(got, want, atol=1e-9):
             raise Wrong(f"similarity for {where}: rows and columns are swapped. Token prefix + r * G + c is the "
@@ -98,10 +75,10 @@ def check_attention_distance(attention_distance):
     for B, H, G, P, prefix in cases:
         attn = _random_maps(rng, B, H, prefix + G * G, prefix)                 # (B, H, N, N)
         want = analysis.mean_attention_distance([attn.copy()], G, P, prefix_tokens=prefix)[0]   # (H,)
-        with _by_hand("mean_attention_distance"):
+        with by_hand(analysis, "mean_attention_distance"):
             got = attention_distance(attn.copy(), G, P, prefix)
         where = f"B={B}, H={H}, grid {G} x {G}, patch {P} px, prefix_tokens={prefix}"
-        got = _as_float_array(f"distances for {where}", got)
+        got = as_float_array(f"distances for {where}", got)
         if got.shape == want.shape and np.allclose(got * P, want, rtol=1e-9) and P != 1:
             raise Wrong(f"distances for {where}: they are in patches; the figure's unit is pixels: "
                         f"multiply by the patch side P = {P}.")
@@ -124,10 +101,10 @@ def check_rollout(rollout):
     for B, H, N, L in cases:
         maps = [_random_maps(rng, B, H, N, 1) for _ in range(L)]                        # L x (B, H, N, N)
         want = analysis.attention_rollout([m.copy() for m in maps], residual=True)      # (B, N, N)
-        with _by_hand("attention_rollout"):
+        with by_hand(analysis, "attention_rollout"):
             got = rollout([m.copy() for m in maps])
         where = f"{L} block{'s' if L > 1 else ''} of (B={B}, H={H}, N={N}) maps"
-        got = _as_float_array(f"rollout of {where}", got)
+        got = as_float_array(f"rollout of {where}", got)
         if got.shape == want.shape:
             sums = got.sum(-1)
             if not np.allclose(sums, 1.0, atol=1e-8):

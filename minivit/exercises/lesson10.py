@@ -21,34 +21,11 @@ N = 1 + G*G tokens.
 """
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 
 from .. import analysis, pretrained
-from . import Wrong, exercise, expect_close
-
-
-@contextlib.contextmanager
-def _by_hand(module, name: str):
-    """Swap module.<name> for a function that raises Wrong while the learner's code runs."""
-    original = getattr(module, name)
-
-    def refuse(*args, **kwargs):
-        raise Wrong(f"your function called {module.__name__}.{name}: the exercise is to compute it by hand "
-                    f"(NumPy only)")
-
-    setattr(module, name, refuse)
-    try:
-        yield
-    finally:
-        setattr(module, name, original)
-
-
-def _as_float_array(name: str, got):
-    if not hasattr(got, "shape"):
-        raise Wrong(f"{name}: expected a NumPy array, got {type(got).__name__}")
-    return np.asarray(got, dtype=np.float64)
+from . import Wrong, as_float_array, by_hand, exercise, expect_close
 
 
 # ============================================================================= 10.1 the ridge probe
@@ -79,12 +56,12 @@ def check_ridge_probe(ridge_probe):
         x = rng.standard_normal((B, D)) * rng.uniform(0.5, 3.0, D) + rng.uniform(2, 6, D)  # (B, D), mean far from 0
         x += 1.5 * np.eye(K, D)[labels]                                       # some signal in the features
         want_w, want_b = analysis.fit_linear_probe(x.copy(), labels.copy(), K, l2)        # (D, K), (K,)
-        with _by_hand(analysis, "fit_linear_probe"):
+        with by_hand(analysis, "fit_linear_probe"):
             got = ridge_probe(x.copy(), labels.copy(), K, l2)
         where = f"B={B} images, D={D} features, K={K} classes, l2={l2:g}"
         if not isinstance(got, tuple) or len(got) != 2:
             raise Wrong(f"{where}: return a pair (W, b), got {type(got).__name__}")
-        w, b = (_as_float_array(f"{n} for {where}", g) for n, g in zip(("W", "b"), got))
+        w, b = (as_float_array(f"{n} for {where}", g) for n, g in zip(("W", "b"), got))
         if w.shape != (D, K) or b.shape != (K,):
             raise Wrong(f"{where}: W must be (D, K) = ({D}, {K}) and b (K,) = ({K},), got W {w.shape} and b {b.shape}")
         t = -np.ones((B, K))
@@ -181,10 +158,10 @@ def check_resample_positions(resample_positions):
         table = rng.standard_normal((1, 1 + G * G, D))                        # (1, N, D)
         table[0, 0] += 5.0                                                    # [CLS] unlike any patch
         want = pretrained.resample_pos_embed(table.copy(), G2)                # (1, 1 + G2*G2, D)
-        with _by_hand(pretrained, "resample_pos_embed"):
+        with by_hand(pretrained, "resample_pos_embed"):
             got = resample_positions(table.copy(), G2)
         where = f"a {G} x {G} grid (D={D}) to {G2} x {G2}"
-        got = _as_float_array(f"positions for {where}", got)
+        got = as_float_array(f"positions for {where}", got)
         if got.shape != want.shape:
             hint = " (the [CLS] row is lost: keep it first, as it is)" if got.shape == (1, G2 * G2, D) else ""
             raise Wrong(f"positions for {where}: expected shape {want.shape}, got {got.shape}{hint}")
