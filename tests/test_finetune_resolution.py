@@ -9,7 +9,6 @@ run at 48 px resumes bit for bit, and --init builds exactly the model load_pretr
 
 Shape legend: B images, C channels, S image side, S2 resized side, K classes, D width.
 """
-import json
 
 import numpy as np
 import pytest
@@ -22,6 +21,7 @@ from minivit.cli import main
 from minivit.data import CIFAR10, normalize, resize_images
 from minivit.pretrained import load_pretrained, save_pretrained
 from minivit.train import Recipe, train
+from test_train import rewrite_meta
 
 TINY_ARGS = ["--preset", "cifar-lesson", "--set", "dim=16", "--set", "depth=1", "--set", "heads=2",
              "--set", "mlp_dim=32"]
@@ -78,16 +78,6 @@ def assert_same_run(dir_a, dir_b):
         return [{k: v for k, v in row.items() if k not in ("epoch_seconds", "images_per_second")}
                 for row in meta["metrics"]]
     assert untimed(meta_a) == untimed(meta_b)
-
-
-def rewrite_meta(path, change):
-    """Edit the meta.json of a checkpoint in place (here: make it look like an older minivit's)."""
-    with np.load(path) as npz:
-        arrays = {key: npz[key] for key in npz.files}
-    meta = json.loads(str(arrays["meta.json"][()]))
-    change(meta)
-    arrays["meta.json"] = np.array(json.dumps(meta))
-    np.savez(path, **arrays)
 
 
 def ctrl_c_at_training_forward(n):
