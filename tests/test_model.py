@@ -246,6 +246,26 @@ def test_forward_features_are_what_the_head_reads_and_backpropagate(rng):
         model.backward(np.ones((3, TINY.num_classes)))
 
 
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_forward_features_backward_matches_central_differences(rng, pool):
+    from minivit.gradcheck import numerical_gradient, rel_error, sample_indices
+    model = tiny_model(pool=pool)
+    randomise(model, rng)
+    x, _ = batch(rng)
+    dfeat = rng.standard_normal((3, TINY.dim))
+    model.zero_grad()
+    model.forward_features(x)
+    dx = model.backward(dfeat)
+    for name, array, analytic in (("images", x, dx),
+                                  ("blocks.1.mlp.fc1.weight", model.blocks[1].mlp.fc1.weight.data,
+                                   model.blocks[1].mlp.fc1.weight.grad),
+                                  ("norm.bias", model.norm.bias.data, model.norm.bias.grad)):
+        idx = sample_indices(array.shape, 8, rng)
+        numeric = numerical_gradient(lambda: model.forward_features(x), array, idx, dout=dfeat)
+        error = rel_error(analytic.reshape(-1)[idx], numeric.reshape(-1)[idx])
+        assert error < TOLERANCE, (name, error)
+
+
 def test_eval_mode_is_deterministic_and_train_mode_is_not(rng):
     model = ViT(TINY.replace(dropout=0.3, drop_path=0.2), seed=0)
     x, _ = batch(rng, dtype=np.float32)
