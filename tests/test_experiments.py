@@ -121,6 +121,22 @@ def test_list_runs_nothing(capsys, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_only_selects_variants_by_column_values(capsys, tmp_path):
+    runs = ex.data_scale_cnn()
+    picked = ex.select(runs, ex.parse_only(["model=resnet20", "train_images=5000", "train_images=50000"]))
+    assert [(r.variant["train_images"], r.variant["seed"]) for r in picked] == [(5000, 0), (5000, 1), (50000, 0),
+                                                                                 (50000, 1)]
+    assert all(r.preset == "resnet20" for r in picked)
+    assert ex.select(runs, {}) == runs
+    assert ex.main(["pool_lr", "--list", "--runs", str(tmp_path), "--only", "pool=cls", "lr=0.001"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("pool_lr") == 2 and "pool=cls,seed=0" in out and "lr=" not in out
+    for bad, message in (("lr", "COLUMN=VALUE"), ("=3", "COLUMN=VALUE"), ("colour=red", "no column 'colour'")):
+        with pytest.raises(SystemExit):
+            ex.main(["pool_lr", "--list", "--only", bad])
+        assert message in capsys.readouterr().err
+
+
 def test_two_commands_sharing_a_runs_directory_never_train_the_same_run(tmp_path, monkeypatch):
     data = synthetic_data()
     run = ex.Run("tiny", {"seed": 0}, TINY, {**QUICK, "seed": 0})
