@@ -369,6 +369,18 @@ def is_train_checkpoint(path) -> bool:
         return f"{META_KEY}.npy" in archive.namelist()
 
 
+def load_model_checkpoint(path):
+    """(model with the checkpoint's weights and buffers, its meta), for a checkpoint of any kind:
+    ViT, HybridViT or ResNet (a training checkpoint or weights only, e.g. lessons/weights/*.npz).
+    The model is in training mode, as built; call .eval() to predict with BatchNorm's running
+    averages."""
+    from .model import build_model
+    state, _, meta = load_checkpoint(path)
+    model = build_model(checkpoint_config(meta))
+    model.load_state_dict(state)
+    return model, meta
+
+
 def load_vit_checkpoint(path, why: str):
     """(ViT with the checkpoint's weights, its meta) for commands that only make sense for a
     ViT; `why` finishes the error for another kind of model: "... holds a resnet model; {why}"."""

@@ -82,8 +82,59 @@ def _claim_epochs(ship, path, epochs):
     return state, optim, meta
 
 
+def test_ship_writes_a_resnet_as_a_weights_only_checkpoint_with_its_batchnorm_averages(tmp_path, monkeypatch):
+    from minivit.checkpoint import load_checkpoint, load_model_checkpoint
+    from minivit.resnet import ResNetConfig
+    data = synthetic_cifar10(n_train=256, n_test=1100, seed=4)
+    config = ResNetConfig(block="basic", layers=(1, 1), widths=(4, 8), stem="cifar", shortcut="A", num_classes=10,
+                          img_size=32)
+    train(config, data, Recipe(epochs=2, batch_size=32, lr=0.05, optimizer="sgd", warmup=0.5, clip_grad=0.0),
+          tmp_path / "run", log_every=0)
+    ship = _ship_module(monkeypatch, data)
+    out = tmp_path / "shipped"
+    out.mkdir()
+    ship.main([str(tmp_path / "run"), "cnn", "--command", "minivit train --model (tiny)", "--out-dir", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["cnn.metrics.csv", "cnn.npz"]          # no temp file
+    state, optimizer_state, meta = load_checkpoint(out / "cnn.npz")
+    assert optimizer_state is None                                  # weights only: no momentum buffers
+    run_state, _, _ = load_checkpoint(tmp_path / "run" / "checkpoint.npz")
+    assert state.keys() == run_state.keys() and "layer1.0.bn1.running_var" in state
+    for name, value in run_state.items():                           # float32 as trained, buffers included
+        np.testing.assert_array_equal(state[name], value)
+    model, meta = load_model_checkpoint(out / "cnn.npz")
+    notes = meta["notes"]
+    assert model.config == config and meta["class_names"] == data.classes and notes["epochs"] == 2
+    # what the notes record is what the file scores, re-measured here in eval mode (running averages)
+    correct = predict(model, data.test_images, 250, meta["normalize"]["mean"],
+                      meta["normalize"]["std"]).argmax(axis=1) == data.test_labels
+    assert notes["shipped_test_correct"] == int(correct.sum()) and notes["shipped_test_images"] == 1100
+    assert notes["shipped_slice_correct"] == int(correct[:1000].sum())
+
+
+def test_ship_scores_a_run_of_some_classes_on_those_classes(tmp_path, monkeypatch):
+    from minivit.experiments import class_subset
+    data = synthetic_cifar10(n_train=384, n_test=1200, seed=3)
+    classes = (7, 2, 5)
+    config = get_preset("cifar-lesson", depth=1, dim=32, heads=2, mlp_dim=64, num_classes=3)
+    subset = class_subset(data, classes)
+    train(config, subset, Recipe(epochs=1, batch_size=32, lr=3e-3, warmup=0.5), tmp_path / "run", log_every=0)
+    ship = _ship_module(monkeypatch, data)
+    with pytest.raises(SystemExit, match="use --classes"):         # 3 outputs, 10 classes of data
+        ship.main([str(tmp_path / "run"), "sub", "--command", "x", "--out-dir", str(tmp_path)])
+    for bad in ("7,2,7", "7,x", "3", "2,10"):
+        with pytest.raises(SystemExit):
+            ship.main([str(tmp_path / "run"), "sub", "--command", "x", "--out-dir", str(tmp_path), "--classes", bad])
+    ship.main([str(tmp_path / "run"), "sub", "--command", "x", "--out-dir", str(tmp_path), "--classes", "7,2,5"])
+    model, meta = load_pretrained(tmp_path / "sub.safetensors")
+    notes = meta["notes"]
+    assert meta["class_names"] == [data.classes[c] for c in classes] and notes["classes"] == [7, 2, 5]
+    correct = predict(model, subset.test_images, 250, meta["mean"], meta["std"]).argmax(axis=1) == subset.test_labels
+    assert notes["float16_test_images"] == len(subset.test_labels) == int(np.isin(data.test_labels, classes).sum())
+    assert notes["float16_test_correct"] == int(correct.sum())
+
+
 def test_shipped_weights_stay_small():
-    total = sum(p.stat().st_size for p in WEIGHTS.glob("*.safetensors"))
+    total = sum(p.stat().st_size for p in [*WEIGHTS.glob("*.safetensors"), *WEIGHTS.glob("*.npz")])
     assert total < 25e6, f"lessons/weights holds {total / 1e6:.1f} MB of weights; keep it under 25 MB"
 
 
