@@ -3,30 +3,101 @@
 Every op asks its input array which module made it (``get_array_module(x)``)
 and uses that module's functions, so the same code runs on either device.
 Only this file imports CuPy; nothing else in the package knows it exists.
+
+Tests without a GPU put a stand-in for CuPy in its place (tests/strict_cupy.py, a NumPy-backed
+module whose arrays refuse implicit host conversion, as CuPy's do) with
+``use_array_module_for_gpu``: then "gpu" means that module everywhere, in to_device, Module.to,
+get_array_module, erf and uniform, so host/device mistakes show up in the CPU CI.
 """
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import scipy.special
 
+_cupy_import_error = None
 try:  # CuPy is an optional extra: `pip install -e ".[gpu]"`.
     import cupy as _cupy
     import cupyx.scipy.special as _cupy_special
-except Exception:  # ImportError, or a CuPy build that cannot find its CUDA libraries
+except Exception as exc:  # ImportError, or a CuPy build that cannot find its CUDA libraries
     _cupy = None
     _cupy_special = None
+    _cupy_import_error = f"{type(exc).__name__}: {exc}"
 
 DEVICES = ("cpu", "gpu")
+INSTALL_HINT = 'pip install -e ".[gpu]" (CuPy with its CUDA libraries) on a machine with an NVIDIA GPU and driver'
+
+_status = None        # (available, reason) of the GPU module in use, found once: see gpu_status
+
+
+def _smoke_test(cp, special) -> tuple[bool, str]:
+    """Run what training needs once, on a tiny array: an elementwise kernel (NVRTC compiles it),
+    erf, a matrix product (cuBLAS) and a random draw, each checked against its known answer.
+    CuPy imports and counts devices without any of the CUDA libraries that these need, so a
+    device count alone says nothing about whether the first kernel will run."""
+    count = cp.cuda.runtime.getDeviceCount()
+    if count < 1:
+        return False, "CuPy sees no CUDA device on this machine"
+    x = cp.arange(6, dtype=np.float32).reshape(2, 3)                   # (2, 3): [[0, 1, 2], [3, 4, 5]]
+    y = x * 2 + 1                                                      # [[1, 3, 5], [7, 9, 11]]
+    m = cp.asnumpy(y @ y.T)                                            # (2, 2)
+    if not np.array_equal(m, np.array([[35, 89], [89, 251]], np.float32)):
+        return False, (f"smoke test: the elementwise kernel and matrix product gave {m.tolist()}, "
+                       f"not [[35, 89], [89, 251]]")
+    e = cp.asnumpy(special.erf(x[0]))
+    if not np.allclose(e, scipy.special.erf(np.arange(3.0)), rtol=1e-5, atol=1e-6):
+        return False, f"smoke test: erf(0, 1, 2) gave {e.tolist()}"
+    r = cp.asnumpy(cp.random.default_rng(0).random(1000, dtype=np.float32))
+    if r.shape != (1000,) or not (0.0 <= r.min() and r.max() < 1.0 and 0.4 < r.mean() < 0.6):
+        return False, "smoke test: the random draw is not uniform on [0, 1)"
+    return True, (f"{count} CUDA device{'s' * (count != 1)}; "
+                  f"smoke test passed (elementwise kernel, erf, matmul, random draw)")
+
+
+def _check_gpu() -> tuple[bool, str]:
+    global _status
+    if _status is None:
+        if _cupy is None:
+            _status = (False, f"CuPy is not installed or failed to import ({_cupy_import_error}); "
+                              f"install it with {INSTALL_HINT}")
+        else:
+            try:
+                _status = _smoke_test(_cupy, _cupy_special)
+            except Exception as exc:   # a missing CUDA library surfaces here, at the first kernel
+                _status = (False, f"CuPy imports but cannot run on the GPU: {type(exc).__name__}: {exc}. "
+                                  f"Is the CUDA toolkit extra installed? {INSTALL_HINT}")
+    return _status
 
 
 def gpu_available() -> bool:
-    """True when CuPy imports and can see at least one CUDA device."""
-    if _cupy is None:
-        return False
+    """True when CuPy imports, sees a CUDA device and runs a tiny smoke test (an elementwise
+    kernel, erf, a matrix product, a random draw). Checked once per process (see gpu_status)."""
+    return _check_gpu()[0]
+
+
+def gpu_status() -> str:
+    """Why the GPU can or cannot be used, in words: the device count and smoke test, or the error."""
+    return _check_gpu()[1]
+
+
+@contextlib.contextmanager
+def use_array_module_for_gpu(module, special=None):
+    """For tests: make `module` (a stand-in for cupy, e.g. tests/strict_cupy.py) the GPU backend
+    inside the `with` block, and put the real one (or none) back after it.
+
+        with use_array_module_for_gpu(strict_cupy):
+            model.to("gpu")     # strict_cupy arrays; every op now runs on them
+
+    special is what gives erf (cupyx.scipy.special for CuPy); default `module.special`. The
+    availability check (gpu_available, gpu_status) runs again, on the new module."""
+    global _cupy, _cupy_special, _status
+    saved = _cupy, _cupy_special, _status
+    _cupy, _cupy_special, _status = module, special if special is not None else module.special, None
     try:
-        return _cupy.cuda.runtime.getDeviceCount() > 0
-    except Exception:
-        return False
+        yield module
+    finally:
+        _cupy, _cupy_special, _status = saved
 
 
 def get_array_module(x):
@@ -49,12 +120,7 @@ def check_device(device: str) -> str:
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
     if device == "gpu" and not gpu_available():
-        if _cupy is None:
-            raise RuntimeError(
-                "device='gpu' needs CuPy, which is not installed (or failed to import). "
-                'Install it with `pip install -e ".[gpu]"` on a machine with an NVIDIA GPU and CUDA 12+.'
-            )
-        raise RuntimeError("device='gpu' was asked for, but CuPy sees no CUDA device on this machine.")
+        raise RuntimeError(f"device='gpu' was asked for, but the GPU cannot be used: {gpu_status()}")
     return device
 
 

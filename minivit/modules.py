@@ -185,7 +185,7 @@ class Module:
             p = params[name]
             if not (is_array(value) or isinstance(value, (list, tuple))):
                 raise TypeError(f"state dict entry {name!r} must be an array, got {type(value).__name__}")
-            shape = tuple(getattr(value, "shape", np.shape(value)))
+            shape = tuple(value.shape) if is_array(value) else np.shape(value)   # np.* only on host values
             if shape != tuple(p.data.shape):
                 raise ValueError(f"state dict entry {name!r} has shape {shape}, the model expects {tuple(p.data.shape)}")
             arr = to_device(value if is_array(value) else np.asarray(value), device_of(p.data))

@@ -22,7 +22,9 @@ Weight decay is normally kept off biases, LayerNorm and BatchNorm parameters, `p
 and `cls_token` (`param_groups` below). Parameters whose `.grad` is None are skipped: they
 are neither moved nor decayed, and their state (step count, moving averages) waits.
 
-State arrays live on the parameter's device (NumPy or CuPy) and have its dtype; the
+State arrays live on the parameter's device (NumPy or CuPy) and have its dtype: they follow the
+parameter when the model moves (`model.to("gpu")` or `.astype(...)` between steps), at the next
+step(), or at once with `optimizer.to(device)`. The
 hyperparameters are kept as Python floats, because with NumPy 2 an np.float64 scalar
 would silently turn a float32 update into float64.
 """
@@ -33,7 +35,7 @@ import numbers
 
 import numpy as np
 
-from .backend import get_array_module, is_array, to_numpy
+from .backend import check_device, device_of, get_array_module, is_array, to_device, to_numpy
 from .modules import Module, Parameter
 
 # Never decayed, whatever their shape (timm's ViT.no_weight_decay(); BEiT's adds the relative
@@ -155,7 +157,18 @@ class Optimizer:
                 continue
             if p.grad.shape != p.data.shape:
                 raise ValueError(f"gradient shape {p.grad.shape} does not match parameter shape {p.data.shape}")
+            _follow(state, p.data)
             self._update(p, p.grad, state, wd)
+
+    def to(self, device: str):
+        """Move every state array to 'cpu' or 'gpu' now (step() also moves each parameter's state
+        to wherever that parameter is, so this is only needed to free memory or to save early)."""
+        check_device(device)
+        for state in self.state:
+            for name, value in state.items():
+                if is_array(value):
+                    state[name] = to_device(value, device)
+        return self
 
     def _update(self, p, g, state, weight_decay):
         raise NotImplementedError
@@ -232,10 +245,24 @@ class Optimizer:
             for what, value in st.items():
                 if what == "step":
                     new[what] = value
-                else:   # a fresh array on the parameter's device, in its dtype
+                else:   # a fresh array on the parameter's device, in its dtype (saved on either device)
                     new[what] = xp.zeros_like(p.data)
-                    new[what][...] = xp.asarray(value)
+                    new[what][...] = to_device(value if is_array(value) else np.asarray(value), device_of(p.data))
             self.state[i] = new
+
+
+def _follow(state, data):
+    """Move a parameter's state arrays to its device and dtype, where the model has moved since
+    they were made (Module.to / astype know nothing of the optimiser). Two isinstance checks per
+    array when nothing moved."""
+    device = device_of(data)
+    for name, value in state.items():
+        if is_array(value):
+            if device_of(value) != device:
+                value = to_device(value, device)
+            if value.dtype != data.dtype:
+                value = value.astype(data.dtype)
+            state[name] = value
 
 
 class SGD(Optimizer):

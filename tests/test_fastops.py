@@ -1,16 +1,18 @@
 """fastops.py against ops.py: every fast op gives the reference op's outputs and every
 gradient (float64 to ~1e-12, float32 to float32 accuracy), the fast ops pass the same
 float64 gradient checks as the reference ones, and the whole model computes the same
-logits and gradients on both paths (modules.set_ops)."""
+logits and gradients on both paths (modules.set_ops). Tests that take the `backend` fixture run
+once per backend (NumPy, the strict CuPy stand-in, a real GPU where there is one)."""
 import math
 
 import numpy as np
 import pytest
 
 from minivit import ViT, fastops, get_preset, modules, ops
-from minivit.gradcheck import TOLERANCE, check_op, rel_error
+from minivit.backend import device_of, to_numpy
+from minivit.gradcheck import TOLERANCE, rel_error
 
-from test_ops import Q_AND_V_BIAS, _drop_index, assert_all_pass
+from test_ops import Q_AND_V_BIAS, _drop_index, assert_all_pass, check
 
 B, N, D, H = 2, 5, 8, 2
 
@@ -27,7 +29,7 @@ def randn(rng, *shape, scale=1.0, dtype=np.float64):
 
 
 def assert_same(fast, ref, dtype, what=""):
-    """Outputs / gradient tuples of the two ops agree (None where the reference has None)."""
+    """Outputs / gradient tuples of the two ops agree (None where the reference has None), on any device."""
     fast = fast if isinstance(fast, tuple) else (fast,)
     ref = ref if isinstance(ref, tuple) else (ref,)
     assert len(fast) == len(ref), what
@@ -35,6 +37,8 @@ def assert_same(fast, ref, dtype, what=""):
         if b is None:
             assert a is None, f"{what}[{i}]: expected None"
             continue
+        assert device_of(a) == device_of(b), f"{what}[{i}]: on the {device_of(a)}, the reference on the {device_of(b)}"
+        a, b = to_numpy(a), to_numpy(b)
         assert a.shape == b.shape, f"{what}[{i}]: shape {a.shape} != {b.shape}"
         assert a.dtype == b.dtype == dtype, f"{what}[{i}]: dtype {a.dtype} / {b.dtype}, expected {dtype}"
         tol = TOL[dtype]
@@ -42,20 +46,25 @@ def assert_same(fast, ref, dtype, what=""):
         np.testing.assert_allclose(a, b, rtol=tol["rtol"], atol=atol, err_msg=f"{what}[{i}]")
 
 
-def compare(name, inputs, dtype, seed=0):
-    """Run fastops.<name> and ops.<name> forward and backward on the same inputs and upstream gradient."""
+def compare(name, inputs, dtype, seed=0, backend=None):
+    """Run fastops.<name> and ops.<name> forward and backward on the same inputs and upstream
+    gradient (NumPy arrays, moved to the backend's device when one is given)."""
     fwd_f, bwd_f = getattr(fastops, f"{name}_forward"), getattr(fastops, f"{name}_backward")
     fwd_r, bwd_r = getattr(ops, f"{name}_forward"), getattr(ops, f"{name}_backward")
     before = {k: v.copy() for k, v in inputs.items() if isinstance(v, np.ndarray)}
+    if backend is not None:
+        inputs = backend.to(inputs)
     out_f, cache_f = fwd_f(**inputs)
     out_r, cache_r = fwd_r(**inputs)
     for k, v in before.items():                      # the fast op must not write into its inputs
-        np.testing.assert_array_equal(inputs[k], v, err_msg=f"{name}_forward changed input {k}")
+        np.testing.assert_array_equal(to_numpy(inputs[k]), v, err_msg=f"{name}_forward changed input {k}")
     assert_same(out_f, out_r, dtype, f"{name} forward")
     dout = randn(np.random.default_rng([seed, 9]), *out_r.shape, dtype=dtype)
     dout_copy = dout.copy()
+    if backend is not None:
+        dout = backend.to(dout)
     grads_f = bwd_f(dout, cache_f)
-    np.testing.assert_array_equal(dout, dout_copy, err_msg=f"{name}_backward changed dout")
+    np.testing.assert_array_equal(to_numpy(dout), dout_copy, err_msg=f"{name}_backward changed dout")
     assert_same(grads_f, bwd_r(dout, cache_r), dtype, f"{name} backward")
 
 
@@ -80,7 +89,7 @@ def _short_last_block(sizes):
 
 
 @pytest.fixture(params=["one block", "many blocks, 2 threads"])
-def blocks(request, monkeypatch):
+def blocks(request, monkeypatch, backend):
     """Run each comparison with whole arrays and with small blocks on two threads, so the
     block and thread splitting, and a last block shorter than the others, are exercised.
 
@@ -90,6 +99,7 @@ def blocks(request, monkeypatch):
     2 rows: 1 + 1), and the blocks the kernels really saw are recorded, then checked after the
     test. Returns that record: [(rows, [rows of each block, in block order]), ...]."""
     splits = []
+    # ("many blocks" with a device backend is never collected: see conftest.pytest_collection_modifyitems)
     if request.param != "one block":
         fastops.set_num_threads(2)
         blockwise = fastops._blockwise
@@ -136,35 +146,35 @@ def test_fastops_offers_every_op_of_ops():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(B, N, D), (3, D), (2, 3, 4, D)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear(rng, dtype, shape, bias):
+def test_linear(backend, rng, dtype, shape, bias):
     inputs = dict(x=randn(rng, *shape, dtype=dtype), w=randn(rng, 6, D, dtype=dtype),
                   b=randn(rng, 6, dtype=dtype) if bias else None)
-    compare("linear", inputs, dtype)
+    compare("linear", inputs, dtype, backend=backend)
 
 
-def test_linear_on_a_strided_view(rng):
+def test_linear_on_a_strided_view(backend, rng):
     x = randn(rng, B, N, D)[:, 0]                   # (B, D), rows N*D apart (the head's input)
     inputs = dict(x=x, w=randn(rng, 3, D), b=randn(rng, 3))
-    compare("linear", inputs, np.float64)
+    compare("linear", inputs, np.float64, backend=backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(B, N, D), (7, 16), (3, 33, 12)])
 @pytest.mark.parametrize("eps", [1e-6, 1e-5])
-def test_layernorm(rng, dtype, shape, eps, blocks):
+def test_layernorm(backend, rng, dtype, shape, eps, blocks):
     D_ = shape[-1]
     inputs = dict(x=randn(rng, *shape, scale=3.0, dtype=dtype) + 1.5, w=randn(rng, D_, dtype=dtype),
                   b=randn(rng, D_, dtype=dtype), eps=eps)
-    compare("layernorm", inputs, dtype)
+    compare("layernorm", inputs, dtype, backend=backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("approximate", ["exact", "tanh"])
 @pytest.mark.parametrize("shape", [(B, N, D), (4, 37), (3, 9, 24)])
-def test_gelu(rng, dtype, approximate, shape, blocks):
+def test_gelu(backend, rng, dtype, approximate, shape, blocks):
     x = randn(rng, *shape, scale=3.0, dtype=dtype)
     x.flat[:4] = [0.0, -20.0, 20.0, -1e-3]           # zero, saturated tails, tiny
-    compare("gelu", dict(x=x, approximate=approximate), dtype)
+    compare("gelu", dict(x=x, approximate=approximate), dtype, backend=backend)
 
 
 def test_gelu_rejects_unknown_kind():
@@ -188,8 +198,8 @@ def test_fast_erf_gelu_is_accurate_in_float32():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("axis", [-1, 1, 0])
-def test_softmax(rng, dtype, axis):
-    compare("softmax", dict(x=randn(rng, 3, 4, 6, scale=3.0, dtype=dtype), axis=axis), dtype)
+def test_softmax(backend, rng, dtype, axis):
+    compare("softmax", dict(x=randn(rng, 3, 4, 6, scale=3.0, dtype=dtype), axis=axis), dtype, backend=backend)
 
 
 def test_softmax_is_stable():
@@ -212,13 +222,13 @@ def attention_inputs(rng, dtype, B_=B, N_=N, D_=D, H_=H, bias=True, mask_p=None)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("mask_p", [None, 0.25])
 @pytest.mark.parametrize("size", [(B, N, D, H), (3, 17, 12, 3), (1, 4, 6, 1)])
-def test_attention(rng, dtype, bias, mask_p, size, blocks):
+def test_attention(backend, rng, dtype, bias, mask_p, size, blocks):
     B_, N_, D_, H_ = size
-    compare("attention", attention_inputs(rng, dtype, B_, N_, D_, H_, bias, mask_p), dtype)
+    compare("attention", attention_inputs(rng, dtype, B_, N_, D_, H_, bias, mask_p), dtype, backend=backend)
 
 
 @pytest.mark.parametrize("dtype, weight_scale, least_score", [(np.float32, 3.0, 100.0), (np.float64, 10.0, 1000.0)])
-def test_attention_with_large_scores(rng, dtype, weight_scale, least_score, blocks):
+def test_attention_with_large_scores(backend, rng, dtype, weight_scale, least_score, blocks):
     """Scores far beyond where exp() overflows (float32 at ~88, float64 at ~709): the softmax
     must subtract each row's maximum first. With small scores a kernel without it gives the
     same numbers, so the other tests cannot tell."""
@@ -228,10 +238,11 @@ def test_attention_with_large_scores(rng, dtype, weight_scale, least_score, bloc
     q, k, _ = qkv.reshape(3, 17, 3, 3, 4).transpose(2, 0, 3, 1, 4)               # (B, H, N, hs)
     scores = (q / 2.0) @ k.swapaxes(-1, -2)                                        # q k^T / sqrt(hs), hs = 4
     assert scores.max() > least_score           # exp() of it overflows: the test is as strong as it claims
-    out, cache = fastops.attention_forward(**inputs)
-    assert np.isfinite(out).all()
-    assert all(np.isfinite(g).all() for g in fastops.attention_backward(np.ones_like(out), cache))
-    compare("attention", inputs, dtype)
+    out, cache = fastops.attention_forward(**backend.to(inputs))
+    assert np.isfinite(to_numpy(out)).all()
+    grads = fastops.attention_backward(backend.xp.ones_like(out), cache)
+    assert all(np.isfinite(to_numpy(g)).all() for g in grads)
+    compare("attention", inputs, dtype, backend=backend)
 
 
 def test_many_blocks_fixture_has_a_short_last_block(rng, blocks, request):
@@ -265,22 +276,23 @@ def mlp_inputs(rng, dtype, gelu, masks, F=12):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gelu", ["exact", "tanh"])
 @pytest.mark.parametrize("masks", [False, True])
-def test_mlp(rng, dtype, gelu, masks, blocks):
-    compare("mlp", mlp_inputs(rng, dtype, gelu, masks), dtype)
+def test_mlp(backend, rng, dtype, gelu, masks, blocks):
+    compare("mlp", mlp_inputs(rng, dtype, gelu, masks), dtype, backend=backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_fast_ops_keep_the_dtype(rng, dtype):
+def test_fast_ops_keep_the_dtype(backend, rng, dtype):
     """No float64 temporaries leak into float32 results (and float64 stays float64)."""
-    inputs = attention_inputs(rng, dtype, mask_p=0.1)
+    xp = backend.xp
+    inputs = backend.to(attention_inputs(rng, dtype, mask_p=0.1))
     out, cache = fastops.attention_forward(**inputs)
     assert out.dtype == dtype
-    assert all(g.dtype == dtype for g in fastops.attention_backward(np.ones_like(out), cache))
-    out, cache = fastops.mlp_forward(**mlp_inputs(rng, dtype, "exact", True))
+    assert all(g.dtype == dtype for g in fastops.attention_backward(xp.ones_like(out), cache))
+    out, cache = fastops.mlp_forward(**backend.to(mlp_inputs(rng, dtype, "exact", True)))
     assert out.dtype == dtype
-    assert all(g.dtype == dtype for g in fastops.mlp_backward(np.ones_like(out), cache))
-    x = randn(rng, B, N, D, dtype=dtype)
-    y, cache = fastops.layernorm_forward(x, np.ones(D, dtype), np.zeros(D, dtype))
+    assert all(g.dtype == dtype for g in fastops.mlp_backward(xp.ones_like(out), cache))
+    x = backend.to(randn(rng, B, N, D, dtype=dtype))
+    y, cache = fastops.layernorm_forward(x, xp.ones(D, dtype), xp.zeros(D, dtype))
     assert y.dtype == dtype and all(g.dtype == dtype for g in fastops.layernorm_backward(y, cache))
     for kind in ("exact", "tanh"):
         g, cache = fastops.gelu_forward(x, kind)
@@ -289,71 +301,77 @@ def test_fast_ops_keep_the_dtype(rng, dtype):
 
 # ----------------------------------------------------------------------------- float64 gradient checks of the fast ops
 
-def test_gradcheck_linear(rng):
+def test_gradcheck_linear(backend, rng):
     inputs = dict(x=randn(rng, B, N, D), w=randn(rng, 6, D), b=randn(rng, 6))
-    assert_all_pass(check_op(fastops.linear_forward, fastops.linear_backward, inputs, ("x", "w", "b")))
+    assert_all_pass(check(backend, fastops.linear_forward, fastops.linear_backward, inputs, ("x", "w", "b")))
 
 
-def test_gradcheck_layernorm(rng):
+def test_gradcheck_layernorm(backend, rng):
     inputs = dict(x=randn(rng, B, N, D, scale=3.0) + 1.5, w=randn(rng, D), b=randn(rng, D))
-    errors = check_op(fastops.layernorm_forward, fastops.layernorm_backward, inputs, ("x", "w", "b"))
+    errors = check(backend, fastops.layernorm_forward, fastops.layernorm_backward, inputs, ("x", "w", "b"))
     assert_all_pass(errors)
 
 
 @pytest.mark.parametrize("approximate", ["exact", "tanh"])
-def test_gradcheck_gelu(rng, approximate):
+def test_gradcheck_gelu(backend, rng, approximate):
     inputs = dict(x=randn(rng, B, N, D, scale=2.0), approximate=approximate)
-    assert_all_pass(check_op(fastops.gelu_forward, fastops.gelu_backward, inputs, ("x",)))
+    assert_all_pass(check(backend, fastops.gelu_forward, fastops.gelu_backward, inputs, ("x",)))
 
 
 @pytest.mark.parametrize("axis", [-1, 1])
-def test_gradcheck_softmax(rng, axis):
+def test_gradcheck_softmax(backend, rng, axis):
     inputs = dict(x=randn(rng, B, N, D), axis=axis)
-    assert_all_pass(check_op(fastops.softmax_forward, fastops.softmax_backward, inputs, ("x",)))
+    assert_all_pass(check(backend, fastops.softmax_forward, fastops.softmax_backward, inputs, ("x",)))
 
 
 @pytest.mark.parametrize("mask_p", [None, 0.25])
-def test_gradcheck_attention(rng, mask_p):
+def test_gradcheck_attention(backend, rng, mask_p):
     inputs = attention_inputs(rng, np.float64, mask_p=mask_p)
-    errors = check_op(fastops.attention_forward, fastops.attention_backward, inputs,
+    errors = check(backend, fastops.attention_forward, fastops.attention_backward, inputs,
                       ("x", "qkv_w", "qkv_b", "proj_w", "proj_b"), entries=Q_AND_V_BIAS)
     assert_all_pass(errors)
 
 
-def test_gradcheck_attention_without_qkv_bias(rng):
+def test_gradcheck_attention_without_qkv_bias(backend, rng):
     inputs = attention_inputs(rng, np.float64, bias=False)
-    errors = check_op(fastops.attention_forward, lambda d, c: _drop_index(fastops.attention_backward(d, c), 2),
-                      inputs, ("x", "qkv_w", "proj_w", "proj_b"))
+    errors = check(backend, fastops.attention_forward,
+                   lambda d, c: _drop_index(fastops.attention_backward(d, c), 2), inputs,
+                   ("x", "qkv_w", "proj_w", "proj_b"))
     assert_all_pass(errors)
 
 
-def test_fast_key_bias_has_zero_gradient(rng):
-    inputs = attention_inputs(rng, np.float64)
+def test_fast_key_bias_has_zero_gradient(backend, rng):
+    inputs = backend.to(attention_inputs(rng, np.float64))
     out, cache = fastops.attention_forward(**inputs)
-    dqkv_b = fastops.attention_backward(randn(rng, *out.shape), cache)[2]
+    dqkv_b = to_numpy(fastops.attention_backward(backend.to(randn(rng, *out.shape)), cache)[2])
     assert np.abs(dqkv_b[D:2 * D]).max() < 1e-12 < np.abs(dqkv_b[:D]).max()
 
 
 @pytest.mark.parametrize("gelu", ["exact", "tanh"])
-def test_gradcheck_mlp(rng, gelu):
+def test_gradcheck_mlp(backend, rng, gelu):
     inputs = mlp_inputs(rng, np.float64, gelu, masks=True)
-    errors = check_op(fastops.mlp_forward, fastops.mlp_backward, inputs, ("x", "fc1_w", "fc1_b", "fc2_w", "fc2_b"))
+    errors = check(backend, fastops.mlp_forward, fastops.mlp_backward, inputs,
+                   ("x", "fc1_w", "fc1_b", "fc2_w", "fc2_b"))
     assert_all_pass(errors)
 
 
 # ----------------------------------------------------------------------------- the whole model on both paths
 
-def run_model(kind, config, dtype, seed=0):
+def run_model(kind, config, dtype, seed=0, backend=None):
+    """Logits, image gradient and parameter gradients (NumPy arrays) of one pass on the backend's device."""
     modules.set_ops(kind)
-    model = ViT(config, seed=0).astype(dtype)
+    model = ViT(config, seed=0).astype(dtype).to("cpu" if backend is None else backend.device)
     model.seed(seed)                                 # the same dropout / drop-path masks on both paths
     rng = np.random.default_rng(1)
     x = rng.standard_normal((3, config.in_chans, config.img_size, config.img_size)).astype(dtype)
     labels = np.array([0, 1, 2]) % config.num_classes
+    if backend is not None:
+        x, labels = backend.to((x, labels))
     logits = model(x)
     _, cache = ops.cross_entropy_forward(logits, labels)
     dx = model.backward(ops.cross_entropy_backward(cache))
-    return logits, dx, {name: p.grad for name, p in model.named_parameters()}
+    assert device_of(logits) == device_of(dx) == model.device
+    return to_numpy(logits), to_numpy(dx), {name: to_numpy(p.grad) for name, p in model.named_parameters()}
 
 
 SMALL = get_preset("cifar-lesson", img_size=16, dim=24, depth=2, heads=3, mlp_dim=40)
@@ -365,10 +383,10 @@ SMALL = get_preset("cifar-lesson", img_size=16, dim=24, depth=2, heads=3, mlp_di
     dict(qkv_bias=False, gelu="tanh", pool="mean", pos_embed="sincos2d"),
     dict(dropout=0.2, attn_dropout=0.2, drop_path=0.3),
 ])
-def test_model_same_logits_and_gradients_on_both_paths(dtype, overrides):
+def test_model_same_logits_and_gradients_on_both_paths(backend, dtype, overrides):
     config = SMALL.replace(**overrides)
-    ref = run_model("reference", config, dtype)
-    fast = run_model("fast", config, dtype)
+    ref = run_model("reference", config, dtype, backend=backend)
+    fast = run_model("fast", config, dtype, backend=backend)
     tol = dict(rtol=1e-9, atol=1e-12) if dtype == np.float64 else dict(rtol=1e-3, atol=1e-5)
     np.testing.assert_allclose(fast[0], ref[0], **tol)
     np.testing.assert_allclose(fast[1], ref[1], **tol)
@@ -379,7 +397,7 @@ def test_model_same_logits_and_gradients_on_both_paths(dtype, overrides):
         assert np.abs(fast[2][name] - ref[2][name]).max() / scale < (1e-9 if dtype == np.float64 else 1e-3), name
 
 
-def test_model_gradcheck_on_the_fast_path():
+def test_model_gradcheck_on_the_fast_path(backend):
     """Every parameter tensor and the images, through the fast ops, with attention dropout and
     drop-path masks fixed. (No MLP dropout: a dropped hidden unit makes its fc2 weights'
     gradient exactly 0, where a relative error measures only the numerical noise.)"""
@@ -390,8 +408,9 @@ def test_model_gradcheck_on_the_fast_path():
     rng = np.random.default_rng(4)
     for name, p in model.named_parameters():   # init weights (std .02) make some gradients nearly vanish
         p.data[...] = rng.standard_normal(p.shape) * 0.3 + (1.0 if name.endswith(".weight") and p.data.ndim == 1 else 0.0)
-    x = rng.standard_normal((2, 3, 16, 16))
-    errors = check_model(model, x, np.array([1, 7]), samples=4, mask_seed=5)
+    model.to(backend.device)
+    x = backend.to(rng.standard_normal((2, 3, 16, 16)))
+    errors = check_model(model, x, backend.to(np.array([1, 7])), samples=4, mask_seed=5)
     assert len(errors) == len(model.parameters()) + 1
     assert all(v < TOLERANCE for v in errors.values()), errors
 

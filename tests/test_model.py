@@ -1,9 +1,11 @@
 """The whole model: float64 gradient checks of every parameter tensor, names, state dicts,
-devices, dtypes and clear errors on bad input."""
+devices, dtypes and clear errors on bad input. Tests that take the `backend` fixture run once per
+backend (NumPy, the strict CuPy stand-in, a real GPU where there is one)."""
 import numpy as np
 import pytest
 
 from minivit import ViT, ViTConfig, get_preset
+from minivit.backend import device_of, to_numpy
 from minivit.gradcheck import TOLERANCE, check_model
 from minivit.ops import cross_entropy_backward, cross_entropy_forward
 
@@ -38,29 +40,32 @@ def assert_all_pass(errors, model):
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 @pytest.mark.parametrize("pos_embed", ["learned", "sincos2d", "none"])
-def test_whole_model_gradients(rng, pool, pos_embed):
+def test_whole_model_gradients(backend, rng, pool, pos_embed):
     model = tiny_model(pool=pool, pos_embed=pos_embed)
     randomise(model, rng)
-    x, y = batch(rng)
+    model.to(backend.device)
+    x, y = backend.to(batch(rng))
     assert_all_pass(check_model(model, x, y, samples=6), model)
 
 
 @pytest.mark.parametrize("gelu", ["exact", "tanh"])
-def test_whole_model_gradients_other_options(rng, gelu):
+def test_whole_model_gradients_other_options(backend, rng, gelu):
     model = tiny_model(gelu=gelu, qkv_bias=False, ln_eps=1e-5)
     randomise(model, rng)
-    x, y = batch(rng)
+    model.to(backend.device)
+    x, y = backend.to(batch(rng))
     assert_all_pass(check_model(model, x, y, samples=6, label_smoothing=0.1), model)
 
 
-def test_whole_model_gradients_with_dropout_and_drop_path_fixed_masks(rng):
+def test_whole_model_gradients_with_dropout_and_drop_path_fixed_masks(backend, rng):
     """In training mode every pass draws new masks; reseeding before each forward pass
     fixes them, so the loss is one differentiable function and the check applies."""
     model = tiny_model(dropout=0.2, attn_dropout=0.2, drop_path=0.3).train()
     randomise(model, rng)
-    x, y = batch(rng, B=4)
+    model.to(backend.device)
+    x, y = backend.to(batch(rng, B=4))
     # the masks really are active: two seeds give different outputs
-    assert not np.allclose(model.seed(1)(x), model.seed(2)(x))
+    assert not np.allclose(to_numpy(model.seed(1)(x)), to_numpy(model.seed(2)(x)))
     assert_all_pass(check_model(model, x, y, samples=6, mask_seed=5), model)
 
 
@@ -210,16 +215,16 @@ def test_forward_backward_shapes_and_dtype(rng):
                for p in model.parameters())
 
 
-def test_gradients_accumulate_until_zero_grad(rng):
-    model = tiny_model()
-    x, y = batch(rng)
+def test_gradients_accumulate_until_zero_grad(backend, rng):
+    model = tiny_model().to(backend.device)
+    x, y = backend.to(batch(rng))
     for _ in range(2):
         model.backward(cross_entropy_backward(cross_entropy_forward(model(x), y)[1]))
-    twice = model.head.weight.grad.copy()
+    twice = to_numpy(model.head.weight.grad)
     model.zero_grad()
     assert model.head.weight.grad is None
     model.backward(cross_entropy_backward(cross_entropy_forward(model(x), y)[1]))
-    np.testing.assert_allclose(twice, 2 * model.head.weight.grad)
+    np.testing.assert_allclose(twice, 2 * to_numpy(model.head.weight.grad))
 
 
 def test_mean_pool_without_head_returns_features(rng):
@@ -277,11 +282,21 @@ def test_eval_mode_is_deterministic_and_train_mode_is_not(rng):
 
 # ----------------------------------------------------------------------------- state dict, dtype, device
 
-def test_state_dict_round_trip(rng):
-    a, b = ViT(TINY, seed=0), ViT(TINY, seed=1)
+def test_state_dict_round_trip(backend, rng):
+    """From a model on the backend's device to one on the CPU and back (a checkpoint saved on the
+    GPU loads on the CPU): the same weights, each model's on its own device."""
+    a, b = ViT(TINY, seed=0).to(backend.device), ViT(TINY, seed=1)
     b.load_state_dict({k: v.copy() for k, v in a.state_dict().items()})
+    assert b.device == "cpu" and a.device == backend.device
     x, _ = batch(rng, dtype=np.float32)
-    assert np.array_equal(a(x), b(x))
+    for name, value in a.state_dict().items():
+        assert np.array_equal(to_numpy(value), b.state_dict()[name]), name
+    # (the CPU's float32 GELU is a rational approximation of erf, the GPU's the exact erf: ~1e-7 apart)
+    np.testing.assert_allclose(to_numpy(a(backend.to(x))), b(x), rtol=1e-5, atol=1e-7)
+    c = ViT(TINY, seed=2).to(backend.device)
+    c.load_state_dict(b.state_dict())
+    assert c.device == backend.device
+    assert np.array_equal(to_numpy(c(backend.to(x))), to_numpy(a(backend.to(x))))
 
 
 def test_load_state_dict_rejects_mismatches_and_changes_nothing():
@@ -324,6 +339,43 @@ def test_gpu_without_cupy_is_a_clear_error():
     with pytest.raises(ValueError, match="'cpu', 'gpu'"):
         ViT(TINY).to("tpu")
     assert ViT(TINY).to("cpu").device == "cpu"
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(pos_embed="relative", pool="mean", gelu="tanh")])
+def test_training_steps_on_every_backend_agree_with_the_cpu(backend, overrides):
+    """Three AdamW steps with clipping, through the whole model, on the backend's device and on
+    the CPU from the same weights and batches: the same losses and weights (float32 tolerance),
+    and every array stays on its device (the strict stand-in refuses any implicit host copy)."""
+    from minivit.optim import AdamW, clip_grad_norm, param_groups
+
+    cfg = TINY.replace(**overrides)
+    rng = np.random.default_rng(0)
+    batches = [batch(rng, cfg, B=4, dtype=np.float32) for _ in range(3)]
+    runs = {}
+    for device in ("cpu", backend.device):
+        model = ViT(cfg, seed=0).to(device)
+        opt = AdamW(param_groups(model, 0.05), lr=3e-2)
+        losses = []
+        for x, y in batches:
+            x, y = (backend.to((x, y)) if device != "cpu" else (x, y))
+            loss, cache = cross_entropy_forward(model(x), y, label_smoothing=0.1)
+            model.zero_grad()
+            model.backward(cross_entropy_backward(cache))
+            clip_grad_norm(model.parameters(), 0.5)
+            opt.step()
+            losses.append(float(loss))
+        assert all(device_of(p.data) == device_of(p.grad) == device for p in model.parameters())
+        assert all(device_of(v) == device for st in opt.state for v in st.values() if hasattr(v, "dtype"))
+        runs[device] = losses, {k: to_numpy(v) for k, v in model.state_dict().items()}
+    (loss_cpu, w_cpu), (loss_dev, w_dev) = runs["cpu"], runs[backend.device]
+    np.testing.assert_allclose(loss_dev, loss_cpu, rtol=1e-5)
+    assert loss_cpu[-1] != loss_cpu[0]                  # the weights did move
+    for name in w_cpu:
+        if name.endswith("attn.qkv.bias"):
+            # the key bias (middle third) has a true gradient of exactly 0 (softmax ignores a constant
+            # added to a row of scores): AdamW turns its rounding noise into steps of +-lr, which differ
+            w_dev[name], w_cpu[name] = (np.r_[w[:cfg.dim], w[2 * cfg.dim:]] for w in (w_dev[name], w_cpu[name]))
+        np.testing.assert_allclose(w_dev[name], w_cpu[name], rtol=1e-4, atol=1e-5, err_msg=name)
 
 
 # ----------------------------------------------------------------------------- bad input

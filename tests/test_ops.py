@@ -1,6 +1,9 @@
 """Float64 central-difference gradient checks of every op, for every input and parameter,
 plus the facts each op must satisfy (patchify == strided convolution, softmax rows sum
-to 1, ...). Relative error below 1e-6 everywhere; see minivit/gradcheck.py."""
+to 1, ...). Relative error below 1e-6 everywhere; see minivit/gradcheck.py.
+
+Tests that take the `backend` fixture (tests/conftest.py) run once per backend: NumPy, the
+strict CuPy stand-in, and a real GPU where there is one (float64 there too)."""
 import numpy as np
 import pytest
 
@@ -14,6 +17,11 @@ def randn(rng, *shape, scale=1.0):
     return rng.standard_normal(shape) * scale
 
 
+def check(backend, forward, backward, inputs, wrt, **kwargs):
+    """check_op with the inputs on the backend's device."""
+    return check_op(forward, backward, backend.to(inputs), wrt, **kwargs)
+
+
 def assert_all_pass(errors):
     assert errors, "no gradients were checked"
     bad = {k: v for k, v in errors.items() if not v < TOLERANCE}
@@ -22,71 +30,71 @@ def assert_all_pass(errors):
 
 # ----------------------------------------------------------------------------- gradient checks
 
-def test_linear(rng):
+def test_linear(backend, rng):
     inputs = dict(x=randn(rng, B, N, D), w=randn(rng, 6, D), b=randn(rng, 6))
-    assert_all_pass(check_op(ops.linear_forward, ops.linear_backward, inputs, ("x", "w", "b")))
+    assert_all_pass(check(backend, ops.linear_forward, ops.linear_backward, inputs, ("x", "w", "b")))
 
 
-def test_linear_without_bias(rng):
+def test_linear_without_bias(backend, rng):
     inputs = dict(x=randn(rng, B, D), w=randn(rng, 3, D))
-    errors = check_op(ops.linear_forward, lambda d, c: ops.linear_backward(d, c)[:2], inputs, ("x", "w"))
+    errors = check(backend, ops.linear_forward, lambda d, c: ops.linear_backward(d, c)[:2], inputs, ("x", "w"))
     assert_all_pass(errors)
 
 
-def test_patchify(rng):
+def test_patchify(backend, rng):
     inputs = dict(x=randn(rng, 2, 3, 8, 8), patch_size=4)
-    assert_all_pass(check_op(ops.patchify_forward, ops.patchify_backward, inputs, ("x",)))
+    assert_all_pass(check(backend, ops.patchify_forward, ops.patchify_backward, inputs, ("x",)))
 
 
-def test_cls_pos(rng):
+def test_cls_pos(backend, rng):
     inputs = dict(x=randn(rng, B, N - 1, D), cls_token=randn(rng, 1, 1, D), pos_embed=randn(rng, 1, N, D))
-    errors = check_op(ops.cls_pos_forward, ops.cls_pos_backward, inputs, ("x", "cls_token", "pos_embed"))
+    errors = check(backend, ops.cls_pos_forward, ops.cls_pos_backward, inputs, ("x", "cls_token", "pos_embed"))
     assert_all_pass(errors)
 
 
-def test_cls_without_pos(rng):
+def test_cls_without_pos(backend, rng):
     inputs = dict(x=randn(rng, B, N - 1, D), cls_token=randn(rng, 1, 1, D))
-    assert_all_pass(check_op(ops.cls_pos_forward, ops.cls_pos_backward, inputs, ("x", "cls_token")))
+    assert_all_pass(check(backend, ops.cls_pos_forward, ops.cls_pos_backward, inputs, ("x", "cls_token")))
 
 
 @pytest.mark.parametrize("eps", [1e-6, 1e-5])
-def test_layernorm(rng, eps):
+def test_layernorm(backend, rng, eps):
     inputs = dict(x=randn(rng, B, N, D, scale=3.0) + 1.5, w=randn(rng, D), b=randn(rng, D), eps=eps)
-    errors = check_op(ops.layernorm_forward, ops.layernorm_backward, inputs, ("x", "w", "b"))
+    errors = check(backend, ops.layernorm_forward, ops.layernorm_backward, inputs, ("x", "w", "b"))
     assert_all_pass(errors)
 
 
 @pytest.mark.parametrize("approximate", ["exact", "tanh"])
-def test_gelu(rng, approximate):
+def test_gelu(backend, rng, approximate):
     # inputs in [-4, 4]: further into the left tail GELU's gradient falls below 1e-7 and its
     # relative error measures float64 rounding, not the backward pass
     inputs = dict(x=np.clip(randn(rng, B, N, D, scale=2.0), -4.0, 4.0), approximate=approximate)
-    assert_all_pass(check_op(ops.gelu_forward, ops.gelu_backward, inputs, ("x",)))
+    assert_all_pass(check(backend, ops.gelu_forward, ops.gelu_backward, inputs, ("x",)))
 
 
 @pytest.mark.parametrize("axis", [-1, 1])
-def test_softmax(rng, axis):
+def test_softmax(backend, rng, axis):
     # scale 1: with very peaked rows some gradients fall to ~1e-7 and their relative error
     # measures float64 rounding, not the backward pass
     inputs = dict(x=randn(rng, B, N, D), axis=axis)
-    assert_all_pass(check_op(ops.softmax_forward, ops.softmax_backward, inputs, ("x",)))
+    assert_all_pass(check(backend, ops.softmax_forward, ops.softmax_backward, inputs, ("x",)))
 
 
-def test_dropout_with_fixed_mask(rng):
-    mask = ops.dropout_mask((B, N, D), 0.3, rng, np, np.float64)
+def test_dropout_with_fixed_mask(backend, rng):
+    mask = ops.dropout_mask((B, N, D), 0.3, rng, backend.xp, np.float64)
     inputs = dict(x=randn(rng, B, N, D), mask=mask)
-    assert_all_pass(check_op(ops.dropout_forward, ops.dropout_backward, inputs, ("x",)))
+    assert_all_pass(check(backend, ops.dropout_forward, ops.dropout_backward, inputs, ("x",)))
 
 
-def test_drop_path_with_fixed_mask(rng):
-    mask = ops.drop_path_mask(4, 3, 0.5, np.random.default_rng(3), np, np.float64)
-    assert mask.shape == (4, 1, 1)
+def test_drop_path_with_fixed_mask(backend, rng):
+    mask = ops.drop_path_mask(4, 3, 0.5, np.random.default_rng(3), backend.xp, np.float64)
+    assert mask.shape == (4, 1, 1) and type(mask) is backend.xp.ndarray
     inputs = dict(x=randn(rng, 4, N, D), mask=mask)
-    assert_all_pass(check_op(ops.dropout_forward, ops.dropout_backward, inputs, ("x",)))
+    assert_all_pass(check(backend, ops.dropout_forward, ops.dropout_backward, inputs, ("x",)))
 
 
 @pytest.mark.parametrize("qkv_bias", [True, False])
-def test_attention(rng, qkv_bias):
+def test_attention(backend, rng, qkv_bias):
     inputs = dict(
         x=randn(rng, B, N, D), qkv_w=randn(rng, 3 * D, D, scale=0.5),
         qkv_b=randn(rng, 3 * D) if qkv_bias else None,
@@ -94,11 +102,11 @@ def test_attention(rng, qkv_bias):
     )
     if qkv_bias:
         wrt = ("x", "qkv_w", "qkv_b", "proj_w", "proj_b")
-        errors = check_op(ops.attention_forward, ops.attention_backward, inputs, wrt, entries=Q_AND_V_BIAS)
+        errors = check(backend, ops.attention_forward, ops.attention_backward, inputs, wrt, entries=Q_AND_V_BIAS)
     else:
         wrt = ("x", "qkv_w", "proj_w", "proj_b")
-        errors = check_op(ops.attention_forward, lambda d, c: _drop_index(ops.attention_backward(d, c), 2),
-                          inputs, wrt)
+        errors = check(backend, ops.attention_forward,
+                       lambda d, c: _drop_index(ops.attention_backward(d, c), 2), inputs, wrt)
     assert_all_pass(errors)
 
 
@@ -112,48 +120,48 @@ def _drop_index(values, i):
     return values[:i] + values[i + 1:]
 
 
-def test_key_bias_has_zero_gradient(rng):
-    inputs = dict(x=randn(rng, B, N, D), qkv_w=randn(rng, 3 * D, D, scale=0.5), qkv_b=randn(rng, 3 * D),
-                  proj_w=randn(rng, D, D, scale=0.5), proj_b=randn(rng, D), heads=H)
+def test_key_bias_has_zero_gradient(backend, rng):
+    inputs = backend.to(dict(x=randn(rng, B, N, D), qkv_w=randn(rng, 3 * D, D, scale=0.5), qkv_b=randn(rng, 3 * D),
+                             proj_w=randn(rng, D, D, scale=0.5), proj_b=randn(rng, D), heads=H))
     out, cache = ops.attention_forward(**inputs)
-    dout = randn(rng, *out.shape)
-    dqkv_b = ops.attention_backward(dout, cache)[2]
+    dout = backend.to(randn(rng, *out.shape))
+    dqkv_b = backend.numpy(ops.attention_backward(dout, cache)[2])
     assert np.abs(dqkv_b[D:2 * D]).max() < 1e-12 < np.abs(dqkv_b[:D]).max()
     numeric = numerical_gradient(lambda: ops.attention_forward(**inputs)[0], inputs["qkv_b"],
                                  np.arange(D, 2 * D), dout=dout)
     assert np.abs(numeric[0, D:2 * D] if numeric.ndim == 2 else numeric[D:2 * D]).max() < 1e-8
 
 
-def test_attention_with_fixed_dropout_mask(rng):
-    mask = ops.dropout_mask((B, H, N, N), 0.25, np.random.default_rng(1), np, np.float64)
+def test_attention_with_fixed_dropout_mask(backend, rng):
+    mask = ops.dropout_mask((B, H, N, N), 0.25, np.random.default_rng(1), backend.xp, np.float64)
     inputs = dict(x=randn(rng, B, N, D), qkv_w=randn(rng, 3 * D, D, scale=0.5), qkv_b=randn(rng, 3 * D),
                   proj_w=randn(rng, D, D, scale=0.5), proj_b=randn(rng, D), heads=H, attn_mask=mask)
-    errors = check_op(ops.attention_forward, ops.attention_backward, inputs,
+    errors = check(backend, ops.attention_forward, ops.attention_backward, inputs,
                       ("x", "qkv_w", "qkv_b", "proj_w", "proj_b"), entries=Q_AND_V_BIAS)
     assert_all_pass(errors)
 
 
 @pytest.mark.parametrize("gelu", ["exact", "tanh"])
-def test_mlp(rng, gelu):
+def test_mlp(backend, rng, gelu):
     F = 12
-    masks = dict(drop_mask1=ops.dropout_mask((B, N, F), 0.2, np.random.default_rng(2), np, np.float64),
-                 drop_mask2=ops.dropout_mask((B, N, D), 0.2, np.random.default_rng(3), np, np.float64))
+    masks = dict(drop_mask1=ops.dropout_mask((B, N, F), 0.2, np.random.default_rng(2), backend.xp, np.float64),
+                 drop_mask2=ops.dropout_mask((B, N, D), 0.2, np.random.default_rng(3), backend.xp, np.float64))
     inputs = dict(x=randn(rng, B, N, D), fc1_w=randn(rng, F, D, scale=0.5), fc1_b=randn(rng, F),
                   fc2_w=randn(rng, D, F, scale=0.5), fc2_b=randn(rng, D), gelu=gelu, **masks)
-    errors = check_op(ops.mlp_forward, ops.mlp_backward, inputs, ("x", "fc1_w", "fc1_b", "fc2_w", "fc2_b"))
+    errors = check(backend, ops.mlp_forward, ops.mlp_backward, inputs, ("x", "fc1_w", "fc1_b", "fc2_w", "fc2_b"))
     assert_all_pass(errors)
 
 
 @pytest.mark.parametrize("mode", ["cls", "mean"])
-def test_pool(rng, mode):
+def test_pool(backend, rng, mode):
     inputs = dict(x=randn(rng, B, N, D), mode=mode)
-    assert_all_pass(check_op(ops.pool_forward, ops.pool_backward, inputs, ("x",)))
+    assert_all_pass(check(backend, ops.pool_forward, ops.pool_backward, inputs, ("x",)))
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_cross_entropy(rng, smoothing):
-    logits = randn(rng, 4, 7, scale=3.0)
-    labels = np.array([0, 6, 3, 3])
+def test_cross_entropy(backend, rng, smoothing):
+    logits = backend.to(randn(rng, 4, 7, scale=3.0))
+    labels = backend.to(np.array([0, 6, 3, 3]))
     (loss, cache) = ops.cross_entropy_forward(logits, labels, smoothing)
     analytic = ops.cross_entropy_backward(cache)
     numeric = numerical_gradient(lambda: ops.cross_entropy_forward(logits, labels, smoothing)[0], logits)
@@ -191,10 +199,12 @@ def test_patch_embedding_equals_torch_conv2d(rng, torch):
     np.testing.assert_allclose(ours, ref.flatten(2).transpose(1, 2).numpy(), rtol=1e-12, atol=1e-12)
 
 
-def test_softmax_is_stable_and_normalised():
-    x = np.array([[1000.0, 1001.0, 1002.0], [-1000.0, 0.0, 1000.0]], dtype=np.float32)
+def test_softmax_is_stable_and_normalised(backend):
+    x = backend.to(np.array([[1000.0, 1001.0, 1002.0], [-1000.0, 0.0, 1000.0]], dtype=np.float32))
     y, _ = ops.softmax_forward(x)
-    assert np.isfinite(y).all() and y.dtype == np.float32
+    assert y.dtype == np.float32
+    y = backend.numpy(y)
+    assert np.isfinite(y).all()
     np.testing.assert_allclose(y.sum(-1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(y[0], np.exp([-2, -1, 0]) / np.exp([-2, -1, 0]).sum(), rtol=1e-6)
 
@@ -207,18 +217,21 @@ def test_cross_entropy_values():
     assert np.isclose(smooth, np.log(4))                        # uniform logits: log K whatever the target
 
 
-def test_cross_entropy_rejects_bad_labels():
-    logits = np.zeros((2, 3))
+def test_cross_entropy_rejects_bad_labels(backend):
+    logits = backend.to(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="label 3 is out of range"):
-        ops.cross_entropy_forward(logits, np.array([0, 3]))
+        ops.cross_entropy_forward(logits, backend.to(np.array([0, 3])))
     with pytest.raises(ValueError, match="label -1"):
-        ops.cross_entropy_forward(logits, np.array([-1, 0]))
+        ops.cross_entropy_forward(logits, backend.to(np.array([-1, 0])))
     with pytest.raises(TypeError, match="integers"):
-        ops.cross_entropy_forward(logits, np.array([0.0, 1.0]))
+        ops.cross_entropy_forward(logits, backend.to(np.array([0.0, 1.0])))
     with pytest.raises(ValueError, match=r"shape \(2,\)"):
-        ops.cross_entropy_forward(logits, np.array([0, 1, 2]))
+        ops.cross_entropy_forward(logits, backend.to(np.array([0, 1, 2])))
     with pytest.raises(TypeError):
         ops.cross_entropy_forward(logits, [0, 1])
+    if backend.device == "gpu":     # labels left on the host: a clear error, not a failure deep inside
+        with pytest.raises(TypeError, match="same device as the logits"):
+            ops.cross_entropy_forward(logits, np.array([0, 1]))
 
 
 @pytest.mark.parametrize("module", ["ops", "fastops"])
@@ -309,21 +322,23 @@ def test_attention_matches_a_per_head_loop(rng):
     np.testing.assert_allclose(out, expected, rtol=1e-10, atol=1e-12)
 
 
-def test_ops_keep_float32():
+def test_ops_keep_float32(backend):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((B, N, D)).astype(np.float32)
     w = rng.standard_normal((3 * D, D)).astype(np.float32)
     b = np.zeros(3 * D, np.float32)
     pw, pb = rng.standard_normal((D, D)).astype(np.float32), np.zeros(D, np.float32)
+    x, w, b, pw, pb = backend.to((x, w, b, pw, pb))
+    xp = backend.xp
     out, cache = ops.attention_forward(x, w, b, pw, pb, H)
     assert out.dtype == np.float32
-    assert all(g.dtype == np.float32 for g in ops.attention_backward(np.ones_like(out), cache))
-    y, cache = ops.layernorm_forward(x, np.ones(D, np.float32), np.zeros(D, np.float32))
+    assert all(g.dtype == np.float32 for g in ops.attention_backward(xp.ones_like(out), cache))
+    y, cache = ops.layernorm_forward(x, xp.ones(D, np.float32), xp.zeros(D, np.float32))
     assert y.dtype == np.float32 and all(g.dtype == np.float32 for g in ops.layernorm_backward(y, cache))
     for kind in ("exact", "tanh"):
         g, cache = ops.gelu_forward(x, kind)
         assert g.dtype == np.float32 and ops.gelu_backward(g, cache).dtype == np.float32
-    loss, cache = ops.cross_entropy_forward(x[:, 0], np.array([0, 1]))
+    loss, cache = ops.cross_entropy_forward(x[:, 0], backend.to(np.array([0, 1])))
     assert ops.cross_entropy_backward(cache).dtype == np.float32
 
 

@@ -1,7 +1,10 @@
 """Optimisers, schedule and clipping: against PyTorch, and against closed forms.
 
 The parity tests run the same random gradients through minivit and torch in float64
-for several steps (with a change of lr half-way) and compare every parameter.
+for several steps (with a change of lr half-way) and compare every parameter. Tests that take
+the `backend` fixture run once per backend (NumPy, the strict CuPy stand-in, a real GPU where
+there is one); the optimiser's state following a model from one device to the other is tested in
+tests/test_backend.py.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import numpy as np
 import pytest
 
 import minivit
+from minivit.backend import to_numpy
 from minivit.modules import Parameter
 from minivit.optim import SGD, AdamW, clip_grad_norm, param_groups, warmup_cosine, warmup_step
 
@@ -20,8 +24,12 @@ SHAPES = [(4, 3), (5,), (2, 3, 2)]
 STEPS = 6
 
 
-def make_params(rng, dtype=np.float64):
-    return [Parameter(rng.standard_normal(s).astype(dtype)) for s in SHAPES]
+def make_params(rng, dtype=np.float64, backend=None):
+    params = [Parameter(rng.standard_normal(s).astype(dtype)) for s in SHAPES]
+    if backend is not None:
+        for p in params:
+            p.data = backend.to(p.data)
+    return params
 
 
 def copy_params(params):
@@ -32,14 +40,16 @@ def assert_close(ours, theirs, rtol=1e-12):
     np.testing.assert_allclose(ours, theirs, rtol=rtol, atol=0)
 
 
-def run_parity(torch, rng, make_ours, make_theirs, groups, skip=None):
+def run_parity(torch, rng, make_ours, make_theirs, groups, skip=None, backend=None):
     """Step both optimisers STEPS times on the same gradients; halve lr after step 3.
 
     groups: list of (parameter indices, weight_decay or None for the default).
     skip: (step, index) pairs whose gradient is None at that step.
+    backend: where minivit's parameters and gradients live (NumPy when None).
     """
-    params = make_params(rng)
-    tparams = [torch.nn.Parameter(torch.tensor(p.data.copy())) for p in params]
+    params = make_params(rng, backend=backend)
+    tparams = [torch.nn.Parameter(torch.tensor(to_numpy(p.data).copy())) for p in params]
+    to = (lambda a: a) if backend is None else backend.to
 
     def ours_groups():
         return [dict(params=[params[i] for i in idx], **({} if wd is None else {"weight_decay": wd}))
@@ -61,14 +71,15 @@ def run_parity(torch, rng, make_ours, make_theirs, groups, skip=None):
                 p.grad, tp.grad = None, None
             else:
                 g = rng.standard_normal(p.data.shape)
-                p.grad, tp.grad = g, torch.tensor(g.copy())
-        grads_before = [None if p.grad is None else p.grad.copy() for p in params]
+                p.grad, tp.grad = to(g), torch.tensor(g.copy())
+        grads_before = [None if p.grad is None else to_numpy(p.grad).copy() for p in params]
         opt.step()
         topt.step()
         for p, tp, g in zip(params, tparams, grads_before):
-            assert_close(p.data, tp.detach().numpy())
+            assert type(p.data) is type(params[0].data)    # still on the backend's device
+            assert_close(to_numpy(p.data), tp.detach().numpy())
             if g is not None:   # the optimiser must not write into .grad
-                np.testing.assert_array_equal(p.grad, g)
+                np.testing.assert_array_equal(to_numpy(p.grad), g)
     return opt
 
 
@@ -83,10 +94,10 @@ SGD_CASES = {
 
 
 @pytest.mark.parametrize("case", list(SGD_CASES))
-def test_sgd_matches_torch(torch, rng, case):
+def test_sgd_matches_torch(torch, rng, case, backend):
     kw = SGD_CASES[case]
     run_parity(torch, rng, lambda g: SGD(g, **kw), lambda g: torch.optim.SGD(g, **kw),
-               groups=[([0, 1, 2], None)], skip={(2, 1)})
+               groups=[([0, 1, 2], None)], skip={(2, 1)}, backend=backend)
 
 
 def test_sgd_groups_match_torch(torch, rng):
@@ -100,9 +111,9 @@ def test_sgd_groups_match_torch(torch, rng):
     dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.1),
     dict(lr=1e-2, weight_decay=0.0),
 ])
-def test_adamw_matches_torch(torch, rng, kw):
+def test_adamw_matches_torch(torch, rng, kw, backend):
     run_parity(torch, rng, lambda g: AdamW(g, **kw), lambda g: torch.optim.AdamW(g, **kw),
-               groups=[([0, 1, 2], None)], skip={(1, 0), (2, 0), (4, 2)})
+               groups=[([0, 1, 2], None)], skip={(1, 0), (2, 0), (4, 2)}, backend=backend)
 
 
 def test_adamw_groups_match_torch(torch, rng):
@@ -195,18 +206,19 @@ def test_param_groups_on_vit():
     assert len(opt.params) == len(names)
 
 
-def test_float32_stays_float32(rng):
-    params = make_params(rng, np.float32)
+def test_float32_stays_float32(rng, backend):
+    params = make_params(rng, np.float32, backend)
     for opt in (AdamW(params, lr=np.float64(1e-3), weight_decay=np.float64(0.1)),
                 SGD(params, lr=np.float64(0.1), momentum=0.9, nesterov=True, weight_decay=0.1)):
         for _ in range(2):
             for p in params:
-                p.grad = rng.standard_normal(p.data.shape).astype(np.float32)
+                p.grad = backend.to(rng.standard_normal(p.data.shape).astype(np.float32))
             opt.lr = np.float64(opt.lr)   # e.g. straight from a NumPy schedule
             opt.step()
         for p, state in zip(params, opt.state):
             assert p.data.dtype == np.float32
-            assert all(v.dtype == np.float32 for v in state.values() if isinstance(v, np.ndarray))
+            arrays = [v for v in state.values() if hasattr(v, "dtype")]
+            assert arrays and all(v.dtype == np.float32 and type(v) is backend.xp.ndarray for v in arrays)
 
 
 def save_and_load(state):
@@ -226,10 +238,10 @@ def save_and_load(state):
     lambda g: AdamW(g, lr=1e-2, weight_decay=0.1),
     lambda g: SGD(g, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
 ], ids=["adamw", "sgd"])
-def test_state_dict_round_trip(rng, make):
-    params = make_params(rng, np.float32)
+def test_state_dict_round_trip(rng, make, backend):
+    params = make_params(rng, np.float32, backend)
     groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "weight_decay": 0.0}]  # noqa: E731
-    grads = [[rng.standard_normal(s).astype(np.float32) for s in SHAPES] for _ in range(5)]
+    grads = [[backend.to(rng.standard_normal(s).astype(np.float32)) for s in SHAPES] for _ in range(5)]
     opt = make(groups(params))
     for step in range(3):
         for p, g in zip(params, grads[step]):
@@ -249,12 +261,14 @@ def test_state_dict_round_trip(rng, make):
         opt.step()
         opt2.step()
     for p, p2, s, s2 in zip(params, params2, opt.state, opt2.state):
-        np.testing.assert_array_equal(p.data, p2.data)
+        np.testing.assert_array_equal(to_numpy(p.data), to_numpy(p2.data))
         assert p2.data.dtype == np.float32
         for k in s:
-            np.testing.assert_array_equal(s[k], s2[k])
-            if isinstance(s2[k], np.ndarray):
-                assert s2[k].dtype == np.float32 and s2[k] is not s[k]
+            if hasattr(s2[k], "dtype"):
+                np.testing.assert_array_equal(to_numpy(s[k]), to_numpy(s2[k]))
+                assert s2[k].dtype == np.float32 and s2[k] is not s[k] and type(s2[k]) is backend.xp.ndarray
+            else:
+                assert s[k] == s2[k]
 
 
 def test_load_state_dict_errors(rng):
@@ -368,17 +382,19 @@ def test_clip_grad_norm_closed_form():
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 100.0])
-def test_clip_grad_norm_matches_torch(torch, rng, max_norm):
-    params = make_params(rng)
-    tparams = [torch.nn.Parameter(torch.tensor(p.data)) for p in params]
+def test_clip_grad_norm_matches_torch(torch, rng, max_norm, backend):
+    params = make_params(rng, backend=backend)
+    tparams = [torch.nn.Parameter(torch.tensor(to_numpy(p.data))) for p in params]
     for p, tp in zip(params, tparams):
-        p.grad = rng.standard_normal(p.data.shape)
-        tp.grad = torch.tensor(p.grad.copy())
+        g = rng.standard_normal(p.data.shape)
+        p.grad = backend.to(g)
+        tp.grad = torch.tensor(g.copy())
     total = clip_grad_norm(params, max_norm)
+    assert type(total) is float
     ttotal = torch.nn.utils.clip_grad_norm_(tparams, max_norm)
     assert math.isclose(total, float(ttotal), rel_tol=1e-12)
     for p, tp in zip(params, tparams):
-        assert_close(p.grad, tp.grad.numpy())
+        assert_close(to_numpy(p.grad), tp.grad.numpy())
 
 
 def test_clip_grad_norm_float32_in_place(rng):
