@@ -41,7 +41,7 @@ import numpy as np
 
 from .config import ViTConfig, get_model_preset
 from .data import CIFAR10_MEAN, CIFAR10_STD
-from .shapes import count_parameters
+from .shapes import count_flops, count_parameters
 from .train import CHECKPOINT, METRICS, Recipe, _load_init, _write_atomically, read_metrics_csv, train
 
 RESULTS = Path(__file__).resolve().parent.parent / "lessons" / "results"
@@ -273,6 +273,9 @@ def row(run: Run, runs_dir: Path) -> dict:
     params = count_parameters(config)
     return {**run.variant,
             "params": params,
+            # the cost of a forward pass, from the config alone (matrix products; backward about 2x
+            # more): unlike the seconds, which depend on what else the machine was doing
+            "forward_mflops": round(count_flops(config) / 1e6, 2),
             "train_images": recipe.limit_train or "all", "epochs": recipe.epochs, "batch_size": recipe.batch_size,
             "lr": recipe.lr, "test_images": recipe.limit_test,
             "test_acc": round(float(history[-1]["test_acc"]), 4),
@@ -324,19 +327,21 @@ def summary(rows: list[dict]) -> list[dict]:
         acc = [float(r["test_acc"]) for r in group]
         out.append({**dict(zip(variant_columns, key)), "seeds": len(group),
                     "test_acc": statistics.mean(acc), "low": min(acc), "high": max(acc),
-                    "seconds_per_epoch": statistics.mean(float(r["seconds_per_epoch"]) for r in group)})
+                    "seconds_per_epoch": statistics.mean(float(r["seconds_per_epoch"]) for r in group),
+                    "forward_mflops": float(group[0].get("forward_mflops") or "nan")})
     return out
 
 
 def markdown_table(rows: list[dict]) -> str:
     """The summary as a Markdown table: accuracy as mean (lowest-highest) over the seeds."""
     variant_columns = list(rows[0])[:list(rows[0]).index("seeds")]
-    lines = ["| " + " | ".join(variant_columns) + " | test accuracy, mean (range) | seeds | s/epoch |",
-             "|" + "---|" * (len(variant_columns) + 3)]
+    lines = ["| " + " | ".join(variant_columns) + " | test accuracy, mean (range) | seeds | forward MFLOPs/image "
+             "| s/epoch |",
+             "|" + "---|" * (len(variant_columns) + 4)]
     for r in rows:
         acc = f"{100 * r['test_acc']:.1f}% ({100 * r['low']:.1f}-{100 * r['high']:.1f})"
         lines.append("| " + " | ".join(str(r[c]) for c in variant_columns)
-                     + f" | {acc} | {r['seeds']} | {r['seconds_per_epoch']:.0f} |")
+                     + f" | {acc} | {r['seeds']} | {r['forward_mflops']:.1f} | {r['seconds_per_epoch']:.0f} |")
     return "\n".join(lines)
 
 

@@ -88,14 +88,14 @@ def test_report_summarises_seeds_and_draws_the_figure(tmp_path, capsys):
     results = tmp_path / "results"
     results.mkdir()
     (results / "pool_lr.csv").write_text(
-        "pool,lr,seed,params,test_acc,seconds_per_epoch\n"
-        "cls,0.001,0,10,0.50,60\ncls,0.001,1,10,0.54,62\nmean,0.001,0,10,0.60,61\n")
+        "pool,lr,seed,params,forward_mflops,test_acc,seconds_per_epoch\n"
+        "cls,0.001,0,10,45.42,0.50,60\ncls,0.001,1,10,45.42,0.54,62\nmean,0.001,0,10,45.42,0.60,61\n")
     summary = ex.summary(ex.read_csv("pool_lr", results))
     assert [(s["pool"], s["seeds"]) for s in summary] == [("cls", 2), ("mean", 1)]
     assert summary[0]["test_acc"] == pytest.approx(0.52) and (summary[0]["low"], summary[0]["high"]) == (0.50, 0.54)
     assert ex.main(["pool_lr", "--report", "--results", str(results)]) == 0
     out = capsys.readouterr().out
-    assert "| cls | 0.001 | 52.0% (50.0-54.0) | 2 | 61 |" in out
+    assert "| cls | 0.001 | 52.0% (50.0-54.0) | 2 | 45.4 | 61 |" in out
     assert (tmp_path / "figures" / "pool_lr.png").read_bytes().startswith(b"\x89PNG")
 
 
