@@ -55,10 +55,13 @@ def test_every_variant_is_built_and_differs_as_its_columns_say():
 
 
 def test_data_scale_runs_cost_the_same_number_of_images_and_warmup_steps():
-    for run in ex.data_scale(seeds=(0,)):
-        _, recipe = run.build()
-        assert recipe.limit_train * recipe.epochs == 100_000
-        assert recipe.limit_train * recipe.warmup == pytest.approx(20_000)
+    for experiment, images in ((ex.data_scale, 100_000), (ex.data_scale_long, 400_000)):
+        runs = experiment(seeds=(0,))
+        assert [r.variant["train_images"] for r in runs] == [5_000, 10_000, 20_000, 50_000]
+        for run in runs:
+            _, recipe = run.build()
+            assert recipe.limit_train * recipe.epochs == images
+            assert recipe.limit_train * recipe.warmup == pytest.approx(20_000)     # 156 steps of 128
 
 
 def test_a_run_trains_once_resumes_state_and_fills_the_csv(tmp_path):
