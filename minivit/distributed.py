@@ -37,6 +37,7 @@ import traceback
 import numpy as np
 
 from .backend import get_array_module
+from .modules import flat_gradients
 
 # What MPI launchers put in the environment of the processes they start: MPICH's hydra and
 # Intel MPI (PMI_SIZE, MPI_LOCALNRANKS), Open MPI (OMPI_COMM_WORLD_SIZE), Slurm's srun with
@@ -138,7 +139,16 @@ class MPIComm(Single):
         """Every p.grad becomes the sum over ranks of weight * p.grad (weight = n_r / B), in
         place, with ONE all-reduce over one flat buffer: one message per step instead of one
         per parameter (~100 for the recipe), each of which would pay the network's latency.
-        Afterwards each p.grad is a view into the buffer, identical on every rank."""
+        When the optimiser has packed the parameters (modules.FlatBuffer) and the backward pass
+        wrote every gradient in place, that buffer is the optimiser's own flat gradient: scaled
+        and all-reduced where it is, nothing copied. Otherwise the gradients are copied into a
+        buffer of this communicator's, and afterwards each p.grad is a view into it."""
+        flat, rest = flat_gradients(params)
+        if flat and not rest and all(p.grad is not None for p in params):
+            for grad in flat:                     # one per dtype and device: normally one
+                grad *= weight
+                self._allreduce_(grad)
+            return
         if self._flat is None:
             xp = get_array_module(params[0].data)
             self._flat = xp.empty(sum(p.data.size for p in params), params[0].data.dtype)

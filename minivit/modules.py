@@ -51,27 +51,140 @@ def get_ops():
 
 
 class Parameter:
-    """A trainable array and the gradient accumulated into it (None until a backward pass)."""
+    """A trainable array and the gradient accumulated into it (None until a backward pass).
 
-    __slots__ = ("data", "grad")
+    Packed by an optimiser (FlatBuffer below), .data is a view into a flat buffer that holds all
+    of that optimiser's parameters of its dtype and device, and a backward pass writes .grad into
+    the parameter's place in the matching flat gradient buffer."""
+
+    __slots__ = ("data", "grad", "_slot")
 
     def __init__(self, data):
         self.data = data
         self.grad = None
+        self._slot = None      # (FlatBuffer, data view, grad view) once packed
 
     @property
     def shape(self):
         return self.data.shape
 
     def accumulate(self, g):
-        """Add g into .grad. The first gradient is stored as is: ops return fresh arrays."""
-        if self.grad is None:
-            self.grad = g
-        else:
+        """Add g into .grad. The first gradient is stored as is (ops return fresh arrays), or, for
+        a packed parameter, copied into its place in the flat gradient buffer."""
+        if self.grad is not None:
             self.grad += g
+            return
+        slot = self._slot
+        if slot is not None and self.data is slot[1]:
+            # One copy per parameter and backward pass buys an optimiser step, a clipping norm and
+            # an all-reduce of one array each, instead of one per parameter.
+            slot[2][...] = g
+            self.grad = slot[2]
+        else:
+            self.grad = g
+
+    # A copy (copy.deepcopy, pickle) is a plain, unpacked Parameter: its arrays would no longer be
+    # views of the buffer that the slot names.
+    def __getstate__(self):
+        return {"data": self.data, "grad": self.grad}
+
+    def __setstate__(self, state):
+        self.data, self.grad, self._slot = state["data"], state["grad"], None
 
     def __repr__(self):
         return f"Parameter(shape={tuple(self.data.shape)}, dtype={self.data.dtype}, device={device_of(self.data)})"
+
+
+class FlatBuffer:
+    """Parameters of one dtype on one device, packed into two flat arrays:
+
+        data  (n,)   every parameter's values, one parameter after the other
+        grad  (n,)   their gradients, in the same places
+
+    Parameter i occupies [offsets[i], offsets[i + 1]); its .data is a view into `data` (reshaped to
+    its shape), and its .grad, once a backward pass has written it, a view into `grad`. So an
+    elementwise update of all the parameters (AdamW, SGD), the norm of all their gradients
+    (clipping) or an all-reduce of them is one operation on one array, not one per parameter.
+
+    The views stay views: Module.to() and astype() move or cast the two flat arrays and hand out
+    new views, load_state_dict copies into the views, and an optimiser packs its parameters again
+    (one copy each) when something replaced a parameter's .data since (p.data = new_array).
+    The buffer is an in-memory layout only: state_dict and checkpoints keep one array per name.
+    """
+
+    def __init__(self, params):
+        self.params = list(params)
+        first = self.params[0].data
+        xp = get_array_module(first)
+        sizes = [int(p.data.size) for p in self.params]
+        self.offsets = [0]
+        for size in sizes:
+            self.offsets.append(self.offsets[-1] + size)
+        data = xp.empty(self.offsets[-1], first.dtype)                   # (n,)
+        for p, lo, hi in self._spans():
+            if get_array_module(p.data) is not xp or p.data.dtype != first.dtype:
+                raise TypeError(f"FlatBuffer packs parameters of one dtype and device; got {p!r} "
+                                f"beside {first.dtype} arrays on the {device_of(first)}")
+            data[lo:hi] = p.data.reshape(-1)
+        self._attach(data, xp.zeros_like(data), [p.grad for p in self.params])
+
+    def _spans(self):
+        return zip(self.params, self.offsets, self.offsets[1:])
+
+    def _attach(self, data, grad, grads):
+        """Make every parameter's .data a view into `data`; a gradient in grads is copied into its
+        place in `grad` (and .grad becomes that view), None stays None."""
+        self.data, self.grad = data, grad
+        for (p, lo, hi), g in zip(self._spans(), grads):
+            shape = p.data.shape
+            data_view, grad_view = data[lo:hi].reshape(shape), grad[lo:hi].reshape(shape)
+            p.data, p._slot = data_view, (self, data_view, grad_view)
+            if g is not None:
+                grad_view[...] = g
+                p.grad = grad_view
+            else:
+                p.grad = None
+
+    def intact(self) -> bool:
+        """True while every parameter's .data is still its view into this buffer."""
+        return all(p._slot is not None and p._slot[0] is self and p.data is p._slot[1] for p in self.params)
+
+    def grads_in_place(self) -> bool:
+        """True when every parameter has a gradient and it is its view into `grad` (as a backward
+        pass leaves it; a gradient assigned by hand, p.grad = g, is a separate array)."""
+        return all(p._slot is not None and p._slot[0] is self and p.grad is p._slot[2] for p in self.params)
+
+    def map(self, fn):
+        """fn (a move to a device, a cast) applied to the two flat arrays, each in one call; the
+        parameters become views of the results. A gradient that is not in the buffer is mapped
+        on its own and stays separate."""
+        in_place = [p._slot is not None and p.grad is p._slot[2] for p in self.params]
+        others = [None if p.grad is None or kept else fn(p.grad) for p, kept in zip(self.params, in_place)]
+        self._attach(fn(self.data), fn(self.grad), [None] * len(self.params))
+        for p, kept, other in zip(self.params, in_place, others):
+            p.grad = p._slot[2] if kept else other
+        return self
+
+
+def flat_gradients(params):
+    """(flat, rest): the flat gradient arrays of the FlatBuffers whose parameters are all in
+    `params` with their gradients in place, and the gradients of the other parameters (None
+    left out). Together they hold every gradient exactly once: a sum over all the gradients'
+    entries may run over these arrays instead of one array per parameter."""
+    packed, rest = {}, []
+    for p in params:
+        slot = p._slot
+        if slot is not None and p.data is slot[1] and p.grad is slot[2]:
+            packed.setdefault(id(slot[0]), (slot[0], {}))[1][id(p)] = p
+        elif p.grad is not None:
+            rest.append(p.grad)
+    flat = []
+    for buffer, members in packed.values():
+        if len(members) == len(buffer.params):
+            flat.append(buffer.grad)
+        else:
+            rest += [p.grad for p in members.values()]
+    return flat, rest
 
 
 class Module:
@@ -133,12 +246,22 @@ class Module:
         return device_of(self.parameters()[0].data)
 
     def _map_arrays(self, fn):
-        """Apply fn to every parameter, gradient and array buffer (e.g. a fixed pos table)."""
+        """Apply fn to every parameter, gradient and array buffer (e.g. a fixed pos table).
+        Parameters packed in a FlatBuffer (by an optimiser) that this module holds all of are
+        mapped as the buffer, in one call, and stay views into it."""
+        params = {id(p): p for p in self.parameters()}
+        buffers = {id(p._slot[0]): p._slot[0] for p in params.values() if p._slot is not None}
+        mapped = set()
+        for buffer in buffers.values():
+            if buffer.intact() and all(id(q) in params for q in buffer.params):
+                buffer.map(fn)
+                mapped.update(id(q) for q in buffer.params)
         for m in self.modules():
             for name, value in list(vars(m).items()):
                 if isinstance(value, Parameter):
-                    value.data = fn(value.data)
-                    value.grad = None if value.grad is None else fn(value.grad)
+                    if id(value) not in mapped:
+                        value.data = fn(value.data)
+                        value.grad = None if value.grad is None else fn(value.grad)
                 elif is_array(value):
                     setattr(m, name, fn(value))
         self.clear_cache()

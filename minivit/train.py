@@ -204,6 +204,50 @@ class NonFiniteLossError(RuntimeError):
     """The loss (or the gradient norm) became NaN or infinite: training diverged."""
 
 
+# How many training steps keep their loss, correct count and gradient norm on the device before
+# they are read (and checked) together. On a GPU each read is a host wait: the host stops queueing
+# kernels until the GPU has finished everything queued, so reading every step leaves the GPU idle
+# while the next step's first kernels are launched. 16 steps share one such wait (a few percent
+# of a step, spread over 16), while the progress bar stays within 16 steps and a diverged run
+# stops at most 15 steps after the step that diverged, with that step named, and before any
+# checkpoint. On the CPU the numbers are on the host already and reading costs nothing: every
+# step is read, and the bar is always current (a CPU step takes seconds).
+READ_EVERY = {"cpu": 1, "gpu": 16}
+
+
+class _Tally:
+    """One epoch's training loss sum, correct count and images seen, summed over the ranks, from
+    steps whose numbers wait on the device in `pending` until read() reads them all at once."""
+
+    def __init__(self, comm, recipe, epoch):
+        self.comm, self.recipe, self.epoch = comm, recipe, epoch
+        self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+        self.pending = []          # (step, lr, images of this rank's shard, of the batch, loss, correct, grad_norm)
+
+    def add(self, step, lr, shard, batch, loss, correct, grad_norm):
+        self.pending.append((step, lr, shard, batch, loss, correct, grad_norm))
+
+    def read(self, saved):
+        """Read the pending steps (one all-reduce for all of them with K ranks), check each one's
+        loss and gradient norm in step order and add them up, as each step once did by itself."""
+        values = []
+        for _, _, shard, _, loss, correct, _ in self.pending:
+            values += [float(loss) * shard, int(correct)]
+        values = self.comm.sum(values)               # every rank reads at the same steps
+        for k, (step, lr, _, batch, _, _, grad_norm) in enumerate(self.pending):
+            batch_loss, batch_correct = values[2 * k], values[2 * k + 1]
+            loss = batch_loss / batch
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(_diverged("loss", loss, self.epoch, step, lr, saved, self.recipe))
+            if grad_norm is not None and not math.isfinite(float(grad_norm)):
+                raise NonFiniteLossError(_diverged("gradient norm", float(grad_norm), self.epoch, step, lr, saved,
+                                                   self.recipe))
+            self.loss_sum += batch_loss
+            self.correct += int(batch_correct)
+            self.seen += batch
+        self.pending = []
+
+
 @dataclass
 class TrainResult:
     status: str                    # "finished", "interrupted" or "already finished"
@@ -227,7 +271,7 @@ class TrainResult:
 def train(config, data, recipe: Recipe, out_dir, *, resume: bool = False,
           init_state: dict | None = None, mean=CIFAR10_MEAN, std=CIFAR10_STD,
           device: str = "cpu", log_every: int = 100, run_info: dict | None = None,
-          allow_other_data: bool = False, dtype=np.float32) -> TrainResult:
+          allow_other_data: bool = False, dtype=np.float32, read_every: int | None = None) -> TrainResult:
     """Train the model of `config` (a ViTConfig, HybridConfig or ResNetConfig: build_model) on
     `data` with `recipe`, writing checkpoints and metrics to out_dir.
 
@@ -244,6 +288,8 @@ def train(config, data, recipe: Recipe, out_dir, *, resume: bool = False,
     allow_other_data  resume even though the data's fingerprint differs from the one the run
                 started with (same numbers of images, other content), on purpose
     dtype       float32 (the recipe) or float64 (tests that compare two runs to a tight tolerance)
+    read_every  read the loss, accuracy and gradient norm from the device every this many steps
+                (None: READ_EVERY of the device); the numbers do not depend on it
 
     Started K times by an MPI launcher (`mpiexec -n K`), the K processes train together, data
     parallel (minivit.distributed): each takes its shard of every batch, the gradients are
@@ -252,15 +298,19 @@ def train(config, data, recipe: Recipe, out_dir, *, resume: bool = False,
     comm = distributed.init()
     with comm.abort_on_error("minivit train"), comm.only_rank0_prints():
         return _train(comm, config, data, recipe, Path(out_dir), resume, init_state, mean, std, device, log_every,
-                      run_info, allow_other_data, dtype)
+                      run_info, allow_other_data, dtype, read_every)
 
 
 def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, device, log_every, run_info,
-           allow_other_data, dtype) -> TrainResult:
+           allow_other_data, dtype, read_every) -> TrainResult:
     """train(), as each rank runs it: rank comm.rank of comm.size (0 of 1 without MPI)."""
     checkpoint_path, best_path = out_dir / CHECKPOINT, out_dir / BEST
     comm.use_device(device)                      # K GPU ranks: one GPU each, NCCL between them
     check_device(device)
+    if read_every is None:
+        read_every = READ_EVERY[device]
+    if isinstance(read_every, bool) or not isinstance(read_every, numbers.Integral) or read_every < 1:
+        raise ValueError(f"read_every must be an integer >= 1, got {read_every!r}")
     _check_data(data, config, recipe.image_size)
     # The first N images of each split; slicing makes views, nothing is copied.
     train_images = data.train_images[:recipe.limit_train]       # uint8 (n_train, C, S0, S0)
@@ -384,16 +434,17 @@ def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, d
                     data_rng.bit_generator.state = progress["order_rng"]
                 order_rng = data_rng.bit_generator.state
                 order = data_rng.permutation(n_train)                              # (n_train,)
-                first_step, loss_sum, correct, seen, train_seconds = 0, 0.0, 0, 0, 0.0
+                first_step, train_seconds = 0, 0.0
+                tally = _Tally(comm, recipe, epoch)           # this epoch's loss sum, correct count, images
                 if progress is not None:      # continue the stopped epoch where it was left
                     data_rng.bit_generator.state = progress["data_rng"]
-                    first_step, loss_sum, correct, seen, train_seconds = (
-                        progress["step"], progress["loss_sum"], progress["correct"], progress["seen"],
-                        progress["train_seconds"])
+                    first_step, train_seconds = progress["step"], progress["train_seconds"]
+                    tally.loss_sum, tally.correct = progress["loss_sum"], progress["correct"]
+                    tally.seen = progress["seen"]
                     progress = None
                 seconds_before_resume = train_seconds
                 lr = optimizer.lr
-                bar = tqdm(total=n_train, initial=seen, unit="img", desc=f"epoch {epoch + 1}/{recipe.epochs}",
+                bar = tqdm(total=n_train, initial=tally.seen, unit="img", desc=f"epoch {epoch + 1}/{recipe.epochs}",
                            leave=False, dynamic_ncols=True, mininterval=0.5)
 
                 for step in range(first_step, steps_per_epoch):
@@ -417,35 +468,39 @@ def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, d
                     # their share of the batch, summed over ranks (one all-reduce; nothing with K = 1).
                     # (BatchNorm's batch statistics stay per rank, over its shard: see the docstring.)
                     comm.sum_gradients(params, (hi - lo) / len(index))
-                    batch_loss, batch_correct = comm.sum([float(loss) * (hi - lo),
-                                                          int((logits.argmax(axis=1) == y).sum())])
-                    loss = batch_loss / len(index)
-                    if not math.isfinite(loss):
-                        raise NonFiniteLossError(_diverged("loss", loss, epoch, step, lr, saved, recipe))
+                    grad_norm = None
                     if recipe.clip_grad > 0:
-                        # Scales all gradients together when their global norm is above clip_grad.
-                        grad_norm = clip_grad_norm(params, recipe.clip_grad)
-                        if not math.isfinite(grad_norm):
-                            raise NonFiniteLossError(_diverged("gradient norm", grad_norm, epoch, step, lr, saved,
-                                                                  recipe))
+                        # Scales all gradients together when their global norm is above clip_grad
+                        # (on the device: the norm is read with the loss, below).
+                        grad_norm = clip_grad_norm(params, recipe.clip_grad, sync=False)
                     optimizer.step()
-
-                    train_seconds += time.perf_counter() - step_start
-                    loss_sum += batch_loss
-                    correct += int(batch_correct)
-                    seen += len(index)
-                    bar.update(len(index))
-                    bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}", refresh=False)
-                    if log_every and (global_step + 1) % log_every == 0:
-                        tqdm.write(f"step {global_step + 1}/{total_steps} | loss {loss_sum / seen:.4f} | "
-                                   f"acc {correct / seen:.4f} | {seen / train_seconds:.1f} img/s | lr {lr:.3g}")
+                    # The loss, the correct count and the norm stay where they were computed (on a
+                    # GPU, reading one makes the host wait for the whole step) until read_every
+                    # steps have gathered, a line is logged, the epoch ends or a signal stops the
+                    # run: then all are read at once, and a non-finite one stops the run with the
+                    # step it came from, before any checkpoint is written.
+                    tally.add(step, lr, hi - lo, len(index), loss, (logits.argmax(axis=1) == y).sum(), grad_norm)
+                    logging = log_every and (global_step + 1) % log_every == 0
                     # A signal may reach the ranks in different steps: they agree to stop after
                     # the same one (the largest signal number; 0 while none came).
                     stop_signal = comm.max(stop.requested or 0)
+                    read = len(tally.pending) >= read_every or logging or stop_signal or step == steps_per_epoch - 1
+                    if read:
+                        tally.read(saved)     # on a GPU this waits for the steps read: timed with them
+                    train_seconds += time.perf_counter() - step_start
+
+                    bar.update(len(index))
+                    if read:
+                        bar.set_postfix(loss=f"{tally.loss_sum / tally.seen:.4f}",
+                                        acc=f"{tally.correct / tally.seen:.4f}", refresh=False)
+                    if logging:
+                        tqdm.write(f"step {global_step + 1}/{total_steps} | loss {tally.loss_sum / tally.seen:.4f} | "
+                                   f"acc {tally.correct / tally.seen:.4f} | {tally.seen / train_seconds:.1f} img/s | "
+                                   f"lr {lr:.3g}")
                     if stop_signal:
                         # Stopped between two steps: the state is consistent, save it mid-epoch.
                         stopped = {"step": step + 1, "order_rng": order_rng, "data_rng": data_rng.bit_generator.state,
-                                   "loss_sum": loss_sum, "correct": correct, "seen": seen,
+                                   "loss_sum": tally.loss_sum, "correct": tally.correct, "seen": tally.seen,
                                    "train_seconds": train_seconds}
                         if comm.rank == 0:
                             save(checkpoint_path, epoch, progress=stopped)
@@ -466,9 +521,9 @@ def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, d
                 # Wall time of the epoch (training and testing); images_per_second counts the
                 # training steps only.
                 epoch_seconds = time.perf_counter() - epoch_start + seconds_before_resume
-                row = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-                       "test_loss": test_loss, "test_acc": test_acc, "epoch_seconds": epoch_seconds,
-                       "images_per_second": seen / train_seconds}
+                row = {"epoch": epoch + 1, "lr": lr, "train_loss": tally.loss_sum / tally.seen,
+                       "train_acc": tally.correct / tally.seen, "test_loss": test_loss, "test_acc": test_acc,
+                       "epoch_seconds": epoch_seconds, "images_per_second": tally.seen / train_seconds}
                 history.append(row)
                 # The checkpoint first: it is the record of the run; metrics.csv and curves.png
                 # are redrawn from its history, so they never get ahead of it. Rank 0 alone

@@ -282,6 +282,42 @@ def test_without_a_launcher_mpi4py_is_never_imported():
     assert done.stdout.split() == ["Single", "0", "1", "False"], done.stderr
 
 
+def test_sum_gradients_all_reduces_the_optimizers_flat_gradient_where_it_is():
+    """With the parameters packed by an optimiser and every gradient in place (as a backward pass
+    leaves them), the one all-reduce runs on the optimiser's own flat gradient buffer, scaled in
+    place, and every p.grad stays its view into it, ready for the flat step; with a gradient assigned
+    by hand it goes through the communicator's own buffer as before. A stand-in all-reduce doubles
+    its buffer, as two ranks with the same gradients would sum them."""
+    from minivit.distributed import MPIComm
+    from minivit.modules import Parameter
+    from minivit.optim import SGD
+
+    calls = []
+    comm = MPIComm.__new__(MPIComm)              # no MPI: only the packing around the all-reduce is tested
+    comm._flat, comm._nccl = None, None
+    comm._allreduce_ = lambda flat: (calls.append(flat), flat.__imul__(2))
+    rng = np.random.default_rng(0)
+    params = [Parameter(rng.standard_normal(s)) for s in [(3, 2), (4,), (2, 2, 2)]]
+    grads = [rng.standard_normal(p.shape) for p in params]
+    SGD(params, lr=0.1)                          # packs them
+    for p, g in zip(params, grads):
+        p.accumulate(g)
+    comm.sum_gradients(params, 0.25)
+    (flat,) = calls
+    assert flat is params[0]._slot[0].grad
+    for p, g in zip(params, grads):
+        assert p.grad is p._slot[2]
+        np.testing.assert_array_equal(p.grad, g * 0.25 * 2)
+
+    calls.clear()
+    params[1].grad = grads[1].copy()             # by hand: not in the flat buffer
+    comm.sum_gradients(params, 0.5)
+    (flat,) = calls
+    assert flat is comm._flat and flat is not params[0]._slot[0].grad
+    np.testing.assert_array_equal(params[1].grad, grads[1] * 0.5 * 2)
+    np.testing.assert_array_equal(params[0].grad, grads[0] * 0.25 * 2 * 0.5 * 2)
+
+
 # ----------------------------------------------------------------------------- one rank, as a script
 
 def _rank_main(spec):

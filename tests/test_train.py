@@ -457,6 +457,56 @@ def test_cli_nan_exits_nonzero_with_one_line(tmp_path, monkeypatch, capsys, fake
     assert "No checkpoint was written yet" in err[-1]
 
 
+# ----------------------------------------------------------------------------- reading the loss every few steps
+
+def test_reading_every_few_steps_changes_no_number(tmp_path, backend):
+    """The loss, accuracy and gradient norm wait on the device and are read every read_every steps
+    (and at the end of each epoch): every metric and every weight is the same, bit for bit, as when
+    each step is read at once. On the "strict" backend the clipping norm stays on the device too."""
+    runs = {}
+    for read_every in (1, 2):            # 2: read after step 2 of 3, and at the end of each epoch
+        out = tmp_path / f"read{read_every}"
+        runs[read_every] = train(TINY, synthetic_data(), SMALL, out, device=backend.device, read_every=read_every)
+        assert read_metrics_csv(out / "metrics.csv") == runs[read_every].history
+    assert_same_run(tmp_path / "read1", tmp_path / "read2")
+
+
+@pytest.mark.parametrize("read_every", [2, 8])
+def test_a_nan_between_reads_is_caught_before_the_next_checkpoint(tmp_path, monkeypatch, read_every):
+    """A NaN loss at epoch 2, step 2, read one step later (read_every 2) or at the end of the epoch
+    (8): the error still names the step it came from, and the checkpoint on disk is epoch 1's."""
+    saved_bytes = {}
+    real_save = train_mod.save_checkpoint
+
+    def recording_save(path, *args, **kwargs):
+        real_save(path, *args, **kwargs)
+        saved_bytes[path.name] = path.read_bytes()
+    monkeypatch.setattr(train_mod, "save_checkpoint", recording_save)
+    monkeypatch.setattr(train_mod, "ViT", at_training_forward(5, make_nan))
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 2, step 2 .*checkpoint.npz \(epoch 1\)"):
+        train(TINY, synthetic_data(), SMALL, tmp_path, read_every=read_every)
+    assert (tmp_path / "checkpoint.npz").read_bytes() == saved_bytes["checkpoint.npz"]
+    state, _, meta = load_checkpoint(tmp_path / "checkpoint.npz")
+    assert meta["epoch"] == 1 and all(np.isfinite(a).all() for a in state.values())
+    assert len(read_metrics_csv(tmp_path / "metrics.csv")) == 1
+
+
+def test_a_nan_not_yet_read_when_a_signal_stops_the_run_is_caught_instead_of_saved(tmp_path, monkeypatch):
+    """SIGTERM in the step whose loss is NaN, with reads every 8 steps: the stop reads the pending
+    steps before it saves, so the run fails on the NaN and writes no checkpoint."""
+    monkeypatch.setattr(train_mod, "ViT", at_training_forward(2, lambda logits: send_sigterm(make_nan(logits))))
+    with pytest.raises(NonFiniteLossError, match="loss is nan at epoch 1, step 2 .*No checkpoint was written yet"):
+        train(TINY, synthetic_data(), SMALL, tmp_path, read_every=8)
+    assert not (tmp_path / "checkpoint.npz").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_read_every_must_be_a_positive_integer(tmp_path):
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="read_every must be an integer >= 1"):
+            train(TINY, synthetic_data(), SMALL, tmp_path / "run", read_every=bad)
+
+
 # ----------------------------------------------------------------------------- the command line
 
 def test_cli_writes_outputs_and_eval_reproduces_the_test_accuracy(tmp_path, capsys, fake_cifar):
