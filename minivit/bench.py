@@ -1,19 +1,34 @@
 """`minivit bench`: a training step and inference of minivit (NumPy) beside PyTorch eager.
 
     minivit bench --preset cifar-lesson --batch-size 128
+    minivit bench --preset resnet20 --batch-size 128 --threads 1     # any preset: ViT, hybrid, ResNet
+    minivit bench --preset cifar-hybrid --batch-size 64
     minivit bench --preset vit-b16 --batch-size 8 --steps 6 --profile
     minivit bench --preset cifar-lesson --ops reference      # the clear ops of ops.py
 
 What is timed, for each framework, on the same images, labels and weights:
   train step   zero_grad, forward, mean cross-entropy, backward, AdamW update
-  inference    forward in eval mode (PyTorch under torch.inference_mode())
+               (BatchNorm in training mode: batch statistics, running averages updated)
+  inference    forward in eval mode (BatchNorm with its running averages; PyTorch under
+               torch.inference_mode())
+The optimizer is the same for every kind of model and in both frameworks: AdamW with lr
+1e-3, betas (0.9, 0.999), eps 1e-8 and weight decay 0.05 on every parameter (a fixed
+update to time, not `minivit train`'s recipe, which for every kind is AdamW too but with
+weight decay on weights only, gradient clipping and label smoothing).
 
-The PyTorch model is written below with torch.nn (pre-norm blocks, fused qkv Linear,
-explicit q k^T -> softmax -> @ v attention, exact or tanh GELU, LayerNorm with the
-config's eps, [CLS] + position embedding, patch Conv2d), loads minivit's weights by name
-and must give the same logits before anything is timed. Both use float32 and the same
-thread count: torch.set_num_threads(N) for PyTorch, threadpoolctl for NumPy's BLAS
-(without threadpoolctl, OPENBLAS_NUM_THREADS must be set before Python starts).
+The PyTorch models are written below with torch.nn and timm's / torchvision's names:
+build_torch_vit (pre-norm blocks, fused qkv Linear, explicit q k^T -> softmax -> @ v
+attention, exact or tanh GELU, LayerNorm with the config's eps, [CLS] + position
+embedding, patch Conv2d), build_torch_resnet (torchvision's layout: stem, stages of basic
+or bottleneck blocks, shortcut A, B, C or none, BatchNorm with the config's eps and
+momentum) and build_torch_hybrid (the ViT with the ResNet's feature map as its image).
+The twin loads minivit's weights and BatchNorm buffers by name and must compute the same
+function before anything is timed (check_same_function: logits in eval mode and, where
+there is BatchNorm, with batch statistics too, and the running averages that updates).
+Both use float32 and the same thread count: torch.set_num_threads(N) for PyTorch,
+threadpoolctl for NumPy's BLAS (without threadpoolctl, OPENBLAS_NUM_THREADS must be set
+before Python starts). --ops switches the ViT ops (fastops.py or ops.py); a ResNet's ops
+(cnn_ops.py) have one version.
 
 The machine is shared and timings drift, so the two frameworks run alternately in one
 process (minivit, torch, torch, minivit, minivit, torch, ...) after a warm-up, and the
@@ -32,7 +47,8 @@ neither sees the other's allocations):
                profiler's allocation records (profile_memory=True) for PyTorch.
 
 --profile adds where minivit's training step spends its time, op by op (forward and
-backward), found by wrapping the active ops (fastops or ops) and the modules with timers.
+backward), found by wrapping the active ops (fastops or ops), cnn_ops and the modules with
+timers.
 """
 from __future__ import annotations
 
@@ -49,13 +65,16 @@ import time
 
 import numpy as np
 
-from . import fastops, modules
-from .config import PRESETS, ViTConfig, get_preset
-from .model import ViT
+from . import cnn_ops, fastops, modules
+from .config import HybridConfig, ViTConfig, config_from_dict, get_model_preset, list_presets, model_kind
+from .model import build_model
+from .resnet import BatchNorm2d, ResNetConfig
 from .ops import cross_entropy_backward, cross_entropy_forward
 from .optim import AdamW
 
 LR, BETAS, EPS, WEIGHT_DECAY = 1e-3, (0.9, 0.999), 1e-8, 0.05
+OPTIMIZER = (f"AdamW (lr {LR:g}, betas {BETAS}, eps {EPS:g}, weight decay {WEIGHT_DECAY:g} on every parameter) "
+             f"in both, for every kind of model (not minivit train's recipe)")
 MIB = 2**20
 
 
@@ -80,10 +99,14 @@ def set_threads(n: int, torch=None) -> str:
 # ----------------------------------------------------------------------------- the PyTorch twin
 
 def build_torch_vit(config: ViTConfig, pos_table=None):
-    """The same Vision Transformer in plain torch.nn, with minivit's (timm's) parameter names."""
+    """The same Vision Transformer in plain torch.nn, with minivit's (timm's) parameter names.
+    pos_table: the fixed sine-cosine table of a "sincos2d" config (None: computed here)."""
     import torch
     from torch import nn
     from torch.nn import functional as F
+
+    if pos_table is None and config.pos_embed == "sincos2d":
+        pos_table = _pos_table(config)
 
     class DropPath(nn.Module):
         """Stochastic depth as timm: one keep-or-drop decision per sample, kept ones scaled up."""
@@ -183,31 +206,208 @@ def build_torch_vit(config: ViTConfig, pos_table=None):
     return TorchViT(config)
 
 
-def torch_twin(model: ViT):
-    """A PyTorch model computing the same function as `model`, with a copy of its weights."""
+def build_torch_resnet(config: ResNetConfig):
+    """The same ResNet in plain torch.nn, laid out like torchvision's (nn.Sequential stages
+    layer1.., `downsample` = Sequential(conv, bn)), so its state_dict has minivit's (and
+    torchvision's) names in the same order. forward_features(x, pool=False) returns the last
+    stage's feature map, as ResNet.forward_features does (the hybrid's backbone)."""
+    from torch import nn
+    from torch.nn import functional as F
+
+    c = config
+
+    class PadShortcut(nn.Module):
+        """Option A: every stride-th pixel, the new channels zeros, half before and the rest after."""
+
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.cin, self.cout, self.stride = cin, cout, stride
+
+        def forward(self, x):
+            front = (self.cout - self.cin) // 2
+            sub = x[:, :, ::self.stride, ::self.stride]                             # (B, Cin, Hout, Wout)
+            return F.pad(sub, (0, 0, 0, 0, front, self.cout - self.cin - front))    # (B, Cout, Hout, Wout)
+
+    def shortcut(cin, cout, stride):
+        """The block's shortcut: a module, or None in a plain network (shortcut "none")."""
+        changes = stride != 1 or cin != cout
+        if c.shortcut == "none":
+            return None
+        if c.shortcut == "C" or (c.shortcut == "B" and changes):
+            return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), bn(cout))
+        return PadShortcut(cin, cout, stride) if changes else nn.Identity()
+
+    def bn(channels):
+        return nn.BatchNorm2d(channels, eps=c.bn_eps, momentum=c.bn_momentum)
+
+    class BasicBlock(nn.Module):
+        expansion = 1
+
+        def __init__(self, cin, planes, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
+            self.bn1 = bn(planes)
+            self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+            self.bn2 = bn(planes)
+            self.downsample = shortcut(cin, planes, stride)
+
+        def forward(self, x):
+            out = F.relu(self.bn1(self.conv1(x)))                   # (B, planes, Hout, Wout)
+            out = self.bn2(self.conv2(out))
+            return F.relu(out if self.downsample is None else out + self.downsample(x))
+
+    class Bottleneck(nn.Module):
+        expansion = 4
+
+        def __init__(self, cin, planes, stride):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+            self.bn1 = bn(planes)
+            self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+            self.bn2 = bn(planes)
+            self.conv3 = nn.Conv2d(planes, 4 * planes, 1, bias=False)
+            self.bn3 = bn(4 * planes)
+            self.downsample = shortcut(cin, 4 * planes, stride)
+
+        def forward(self, x):
+            out = F.relu(self.bn1(self.conv1(x)))                   # (B, planes, H, W)
+            out = F.relu(self.bn2(self.conv2(out)))                 # (B, planes, Hout, Wout)
+            out = self.bn3(self.conv3(out))                         # (B, 4 planes, Hout, Wout)
+            return F.relu(out if self.downsample is None else out + self.downsample(x))
+
+    class TorchResNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = c
+            imagenet = c.stem == "imagenet"
+            self.conv1 = nn.Conv2d(c.in_chans, c.widths[0], 7 if imagenet else 3, 2 if imagenet else 1,
+                                   3 if imagenet else 1, bias=False)
+            self.bn1 = bn(c.widths[0])
+            self.maxpool = nn.MaxPool2d(3, 2, 1) if imagenet else nn.Identity()
+            block = BasicBlock if c.block == "basic" else Bottleneck
+            cin = c.widths[0]
+            self.stage_names = []
+            for i, (depth, width) in enumerate(zip(c.layers, c.widths)):
+                blocks = []
+                for j in range(depth):
+                    blocks.append(block(cin, width, 2 if i > 0 and j == 0 else 1))
+                    cin = width * block.expansion
+                setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+                self.stage_names.append(f"layer{i + 1}")
+            self.fc = nn.Linear(cin, c.num_classes) if c.num_classes > 0 else None
+
+        def forward_features(self, x, pool=True):
+            x = self.maxpool(F.relu(self.bn1(self.conv1(x))))       # (B, C0, S/4, S/4) imagenet, (B, C0, S, S) cifar
+            for name in self.stage_names:
+                x = getattr(self, name)(x)                          # (B, width * expansion, H, W)
+            return x.mean(dim=(2, 3)) if pool else x                # (B, F) or (B, F, h, w)
+
+        def forward(self, x):
+            x = self.forward_features(x)                            # (B, F)
+            return x if self.fc is None else self.fc(x)             # (B, K)
+
+    return TorchResNet()
+
+
+def build_torch_hybrid(config: HybridConfig, pos_table=None):
+    """The same hybrid ViT in plain torch.nn, with timm's names: build_torch_vit's model whose
+    patch_embed is a HybridEmbed, build_torch_resnet's backbone (no fc) and then `proj`, a
+    P x P convolution with stride P over its feature map."""
+    from torch import nn
+
+    c = config
+
+    class HybridEmbed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = build_torch_resnet(c.backbone_config)              # first: timm's order
+            self.proj = nn.Conv2d(c.num_features, c.dim, kernel_size=c.patch_size, stride=c.patch_size)
+
+        def forward(self, x):
+            fmap = self.backbone.forward_features(x, pool=False)              # (B, F, h, w)
+            return self.proj(fmap).flatten(2).transpose(1, 2)                 # (B, G*G, D)
+
+    # The ViT that reads the feature map as its image (HybridConfig.vit_config); its own patch
+    # embedding is replaced, in the same place among the modules, so the names keep their order.
+    tmodel = build_torch_vit(c.vit_config, pos_table)
+    tmodel.patch_embed = HybridEmbed()
+    return tmodel
+
+
+def build_torch(config, pos_table=None):
+    """The PyTorch twin of any kind of model (ViT, hybrid, ResNet), freshly initialised by PyTorch."""
+    kind = model_kind(config)
+    if kind == "resnet":
+        return build_torch_resnet(config)
+    return (build_torch_hybrid if kind == "hybrid" else build_torch_vit)(config, pos_table)
+
+
+def torch_twin(model):
+    """A PyTorch model computing the same function as `model` (a ViT, HybridViT or ResNet),
+    with a copy of its weights and BatchNorm buffers."""
     import torch
 
-    tmodel = build_torch_vit(model.config, getattr(model, "pos_table", None))
-    state = {name: torch.from_numpy(np.array(p.data, copy=True)) for name, p in model.named_parameters()}
+    tmodel = build_torch(model.config, getattr(model, "pos_table", None))
+    state = {name: torch.from_numpy(np.array(v, copy=True)) for name, v in model.state_dict().items()}
     tmodel.load_state_dict(state, strict=True)
     return tmodel
 
 
-def check_same_function(model: ViT, tmodel, images, tol=1e-4) -> float:
-    """Both models, in eval mode, give the same logits (float32: up to ~1e-4). Returns the max difference."""
-    import torch
+def _batchnorm_train_mode(model, tmodel):
+    """Everything in eval mode except BatchNorm, which uses the batch's statistics and updates
+    its running averages: a deterministic forward pass (no dropout) through training-mode BN."""
+    from torch import nn
 
     model.eval()
     tmodel.eval()
-    ours = model(images)
-    model.clear_cache()
-    with torch.inference_mode():
-        theirs = tmodel(torch.from_numpy(images)).numpy()
-    scale = max(1.0, float(np.abs(theirs).max()))
-    diff = float(np.abs(ours - theirs).max())
-    if not diff <= tol * scale:
-        raise RuntimeError(f"minivit and the PyTorch twin disagree: max |logits difference| = {diff:.3g}")
-    return diff
+    for m in model.modules():
+        if isinstance(m, BatchNorm2d):
+            m.training = True
+    for m in tmodel.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()
+
+
+def check_same_function(model, tmodel, images, tol=1e-4) -> float:
+    """Both models give the same logits (float32: up to ~1e-4 of their scale) in eval mode and,
+    where there is BatchNorm, also with BatchNorm in training mode (the batch's statistics),
+    after which the running averages and batch counters both updated must agree too (the same
+    normalisation for the next steps). Returns the largest difference found, each relative to
+    max(1, largest |value| of the twin's array)."""
+    import torch
+
+    def compare(what, ours, theirs):
+        ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+        scale = max(1.0, float(np.abs(theirs).max()))
+        diff = float(np.abs(ours - theirs).max()) / scale
+        if not diff <= tol:
+            raise RuntimeError(f"minivit and the PyTorch twin disagree: max |{what} difference| / max(1, |{what}|) "
+                               f"= {diff:.3g}")
+        return diff
+
+    modes = ["eval"]
+    if any(isinstance(m, BatchNorm2d) for m in model.modules()):
+        modes.append("batchnorm train")
+    worst = 0.0
+    for mode in modes:
+        if mode == "eval":
+            model.eval()
+            tmodel.eval()
+        else:
+            _batchnorm_train_mode(model, tmodel)
+        ours = model(images)
+        model.clear_cache()
+        with torch.no_grad():
+            theirs = tmodel(torch.from_numpy(images)).numpy()
+        worst = max(worst, compare(f"logits ({mode})", ours, theirs))
+    params = dict(model.named_parameters())
+    ours_state = model.state_dict()
+    for name, buffer in tmodel.state_dict().items():       # persistent buffers: BatchNorm's
+        if name not in params:
+            worst = max(worst, compare(name, ours_state[name], buffer.numpy()))
+    model.eval()
+    tmodel.eval()
+    return worst
 
 
 # ----------------------------------------------------------------------------- one step of each
@@ -244,7 +444,7 @@ def torch_infer(tmodel, timages):
         return tmodel(timages)
 
 
-def make_batch(config: ViTConfig, batch_size: int, seed: int = 0):
+def make_batch(config, batch_size: int, seed: int = 0):
     rng = np.random.default_rng([seed, 1])
     images = rng.standard_normal((batch_size, config.in_chans, config.img_size, config.img_size), dtype=np.float32)
     labels = rng.integers(0, max(config.num_classes, 1), size=batch_size)
@@ -252,7 +452,7 @@ def make_batch(config: ViTConfig, batch_size: int, seed: int = 0):
 
 
 def make_minivit(config, seed=0):
-    model = ViT(config, seed=seed)
+    model = build_model(config, seed=seed)
     opt = AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
     return model, opt
 
@@ -357,9 +557,9 @@ def _pos_table(config):
     return modules.get_ops().sincos_2d_pos_embed(config.dim, config.grid_size)
 
 
-def memory_worker(framework: str, config: dict, batch_size: int, threads: int, ops: str) -> dict:
+def memory_worker(framework: str, config: dict, batch_size: int, threads: int, ops: str, kind: str = "vit") -> dict:
     """Runs in a fresh process: build one framework's model, then measure a training step's memory."""
-    config = ViTConfig.from_dict(config)
+    config = config_from_dict(config, kind)
     modules.set_ops(ops)
     images, labels = make_batch(config, batch_size)
     if framework == "minivit":
@@ -371,7 +571,7 @@ def memory_worker(framework: str, config: dict, batch_size: int, threads: int, o
 
         set_threads(threads, torch)
         # PyTorch's own initialisation (the values do not change the memory), no minivit model
-        tmodel = build_torch_vit(config, _pos_table(config))
+        tmodel = build_torch(config)
         topt = torch.optim.AdamW(tmodel.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
         timages, tlabels = torch.from_numpy(images), torch.from_numpy(labels)
         step = lambda: torch_train_step(tmodel, topt, timages, tlabels)   # noqa: E731
@@ -398,7 +598,7 @@ def measure_memory(framework, config, batch_size, threads, ops) -> dict:
                MKL_NUM_THREADS=str(threads))
     code = ("import json, sys; from minivit.bench import memory_worker; "
             "print('MEMORY ' + json.dumps(memory_worker(*json.loads(sys.argv[1]))))")
-    arg = json.dumps([framework, config.to_dict(), batch_size, threads, ops])
+    arg = json.dumps([framework, config.to_dict(), batch_size, threads, ops, model_kind(config)])
     proc = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("MEMORY ")]
     if proc.returncode != 0 or not lines:
@@ -466,7 +666,16 @@ _LABELS = {
     "attention_forward": "attention: op body (ops.py: matmuls, head split/merge)",
     "attention_backward": "attention: op body (ops.py: matmuls, head split/merge)",
     "mlp_forward": "mlp: dropout, glue", "mlp_backward": "mlp: dropout, glue",
+    # cnn_ops (ResNet, the hybrid's backbone)
+    "conv2d_forward": "conv2d: matmuls, reshapes", "conv2d_backward": "conv2d: matmuls, reshapes",
+    "batchnorm2d_forward": "batchnorm", "batchnorm2d_backward": "batchnorm",
+    "relu_forward": "relu", "relu_backward": "relu",
+    "maxpool2d_forward": "maxpool", "maxpool2d_backward": "maxpool",
+    "global_avg_pool_forward": "global average pool", "global_avg_pool_backward": "global average pool",
+    "subsample_pad_forward": "shortcut A: subsample + pad", "subsample_pad_backward": "shortcut A: subsample + pad",
 }
+# cnn_ops' window copies: a convolution's im2col / col2im (max-pooling uses them too, and keeps its own row)
+_WINDOWS = ("im2col", "col2im", "extract_windows", "scatter_windows")
 
 
 def _label(path):
@@ -478,8 +687,10 @@ def _label(path):
     label = "modules: residual adds, grad accumulation"
     for i, name in enumerate(names):
         parent = names[i - 1] if i else ""
-        if name.startswith("ViT.") and i == len(names) - 1:
+        if name.startswith(("ViT.", "ResNet.")) and i == len(names) - 1:
             label = "model glue"
+        elif name in _WINDOWS and any(n.startswith("conv2d_") for n in names[:i]):
+            label = "conv2d: im2col / col2im"
         elif name in _LABELS:
             label = _LABELS[name]
         elif name.startswith("linear_") and parent in _LINEARS:
@@ -493,8 +704,10 @@ def _label(path):
 
 @contextlib.contextmanager
 def _timed_everything(timers):
-    """Wrap every function of the active ops module and the modules' forward/backward."""
+    """Wrap every function of the active ops module, cnn_ops' ops and window copies, and the
+    modules' forward/backward."""
     from . import model as model_mod
+    from . import resnet
 
     ops_mod = modules.OPS
     patched = []
@@ -504,10 +717,17 @@ def _timed_everything(timers):
                 and (not name.startswith("_") or name in ("_gelu", "_blockwise"))):
             patched.append((ops_mod, name, fn))
             setattr(ops_mod, name, timers.wrap(name, fn))
+    for name, fn in list(vars(cnn_ops).items()):
+        if callable(fn) and (name.endswith(("_forward", "_backward")) or name in _WINDOWS):
+            patched.append((cnn_ops, name, fn))
+            setattr(cnn_ops, name, timers.wrap(name, fn))
     classes = [modules.Linear, modules.LayerNorm, modules.PatchEmbed, modules.Attention, modules.Mlp,
-               modules.Block, model_mod.ViT]
+               modules.Block, model_mod.ViT, resnet.Conv2d, resnet.BatchNorm2d, resnet.BasicBlock,
+               resnet.Bottleneck, resnet.ResNet]
     for cls in classes:
-        for meth in ("forward", "backward"):
+        for meth in ("forward", "backward", "forward_features"):
+            if meth not in cls.__dict__:      # forward_features: only the models have one
+                continue
             fn = cls.__dict__[meth]
             patched.append((cls, meth, fn))
             setattr(cls, meth, timers.wrap(f"{cls.__name__}.{meth}", fn))
@@ -569,7 +789,8 @@ def run(preset="cifar-lesson", batch_size=128, threads=None, steps=10, warmup=3,
     import torch
 
     threads = threads or os.cpu_count() or 1
-    config = get_preset(preset, **(overrides or {}))
+    config = get_model_preset(preset, **(overrides or {}))     # any kind: ViT, hybrid, ResNet
+    kind = model_kind(config)
     if config.num_classes < 1:
         raise ValueError("minivit bench trains with a cross-entropy loss: num_classes must be at least 1")
     previous = modules.set_ops(ops)
@@ -580,15 +801,25 @@ def run(preset="cifar-lesson", batch_size=128, threads=None, steps=10, warmup=3,
         tmodel, topt = make_torch(model)
         diff = check_same_function(model, tmodel, images)
         timages, tlabels = torch.from_numpy(images), torch.from_numpy(labels)
+        batchnorm = any(isinstance(m, BatchNorm2d) for m in model.modules())
 
-        out(f"minivit bench: preset {preset}, batch {batch_size}, float32, {threads} threads, "
-            f"ops={ops}, {steps} alternating steps after {warmup} warm-up")
+        ops_note = {"vit": "", "hybrid": " for the transformer, cnn_ops for the backbone",
+                    "resnet": " (unused: a ResNet runs on cnn_ops, which has one version)"}[kind]
+        out(f"minivit bench: preset {preset} ({kind}), batch {batch_size}, float32, {threads} threads, "
+            f"ops={ops}{ops_note}, {steps} alternating steps after {warmup} warm-up")
         out(f"  {config}")
-        out(f"  numpy {np.__version__}, torch {torch.__version__}; {how}; "
+        out(f"  {model.num_parameters():,} parameters; numpy {np.__version__}, torch {torch.__version__}; {how}; "
             f"torch threads {torch.get_num_threads()}")
-        out(f"  same logits as the PyTorch twin: max |difference| {diff:.2e}")
-        result = {"preset": preset, "batch_size": batch_size, "threads": threads, "ops": ops,
-                  "steps": steps, "warmup": warmup, "logits_max_diff": diff}
+        out(f"  optimizer: {OPTIMIZER}")
+        if batchnorm:
+            out("  BatchNorm: training mode (batch statistics, running averages updated) in the train step, "
+                "eval mode (running averages) for inference, in both")
+            out(f"  same function as the PyTorch twin (logits in eval mode and with batch statistics, running "
+                f"averages): max relative difference {diff:.2e}")
+        else:
+            out(f"  same logits as the PyTorch twin: max |difference| {diff:.2e}")
+        result = {"preset": preset, "model": kind, "batch_size": batch_size, "threads": threads, "ops": ops,
+                  "steps": steps, "warmup": warmup, "optimizer": OPTIMIZER, "logits_max_diff": diff}
 
         model.train()
         tmodel.train()
@@ -643,9 +874,11 @@ def register(subparsers):
         "bench", help="time a training step and inference of minivit beside PyTorch eager",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--preset", default="cifar-lesson", help=f"one of: {', '.join(PRESETS)} (default cifar-lesson)")
+    p.add_argument("--preset", default="cifar-lesson",
+                   help=f"model preset, as for minivit train (default cifar-lesson); by kind: {list_presets()}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
-                   help="override a config field, e.g. --set depth=2 (repeatable)")
+                   help="override a field of the preset's config, e.g. --set depth=2, --set layers=1,1,1 "
+                        "(repeatable)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=None, help="threads for both frameworks (default: all cores)")
     p.add_argument("--steps", type=int, default=10, help="timed steps of each framework (default 10)")
@@ -667,12 +900,14 @@ def _run(args):
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0 or (args.threads is not None and args.threads < 1):
         raise ValueError("--warmup must be >= 0 and --threads >= 1")
+    # the preset's kind says how to read --set (an unknown name is an error listing every preset)
+    config_class = type(get_model_preset(args.preset))
     try:
         import torch  # noqa: F401
     except ImportError:
         raise RuntimeError("minivit bench compares with PyTorch: pip install -e '.[reference]'") from None
     result = run(args.preset, args.batch_size, args.threads, args.steps, args.warmup, args.profile,
-                 parse_overrides(args.overrides), args.ops, args.memory, args.infer)
+                 parse_overrides(args.overrides, config_class), args.ops, args.memory, args.infer)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

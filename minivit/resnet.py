@@ -16,7 +16,9 @@ A block is out = relu(main(x) + shortcut(x)):
 The shortcut (§3.3 of the paper): option "A" is the identity, and where the shape changes it
 keeps every stride-th pixel and pads the new channels with zeros (no parameters); "B" is the
 identity except where the shape changes, where it is a 1x1 convolution + BN (the projection,
-torchvision's `downsample`); "C" uses the projection in every block.
+torchvision's `downsample`); "C" uses the projection in every block. "none" has no shortcut at
+all: out = relu(main(x)), the paper's "plain" network (§4.1), the same layers without the
+additions and no extra parameters, the baseline that shows the degradation problem.
 
 Shape legend: B batch, C channels, S image side, H, W a feature map's height and width,
 F pooled features, K classes.
@@ -36,7 +38,7 @@ from .modules import Linear, Module, Parameter
 
 BLOCKS = ("basic", "bottleneck")
 STEMS = ("cifar", "imagenet")
-SHORTCUTS = ("A", "B", "C")
+SHORTCUTS = ("A", "B", "C", "none")
 EXPANSION = {"basic": 1, "bottleneck": 4}
 MAX_SIZE = 2**31 - 1
 
@@ -51,7 +53,7 @@ class ResNetConfig:
                                                # the stem has widths[0] channels
     stem: str = "imagenet"                     # "imagenet": 7x7/2 conv + 3x3/2 max-pool; "cifar": 3x3/1 conv
     shortcut: str = "B"                        # "A" zero-pad | "B" projection where the shape changes |
-                                               # "C" projection everywhere
+                                               # "C" projection everywhere | "none" a plain network
     num_classes: int = 1000                    # K; 0 means no fc (the model returns pooled features)
     in_chans: int = 3                          # C
     img_size: int = 224                        # S: images are S x S
@@ -258,16 +260,19 @@ class BatchNorm2d(Module):
 
 
 class _ResidualBlock(Module):
-    """What BasicBlock and Bottleneck share: the shortcut and out = relu(main(x) + shortcut(x))."""
+    """What BasicBlock and Bottleneck share: the shortcut and out = relu(main(x) + shortcut(x)),
+    or out = relu(main(x)) in a plain network (shortcut "none")."""
 
     expansion = 1
 
     def _make_shortcut(self, in_chans, out_chans, stride, shortcut, eps, momentum):
         """`downsample` = [1x1 conv, BN] (torchvision's name: downsample.0, downsample.1) for a
-        projection, None otherwise; `pad_shortcut` says whether option A must subsample/pad."""
+        projection, None otherwise; `pad_shortcut` says whether option A must subsample/pad;
+        `plain` whether there is no shortcut at all ("none")."""
         changes = stride != 1 or in_chans != out_chans
         self.downsample = None
         self.pad_shortcut = False
+        self.plain = shortcut == "none"
         if shortcut == "C" or (shortcut == "B" and changes):
             self.downsample = [Conv2d(in_chans, out_chans, 1, stride), BatchNorm2d(out_chans, eps, momentum)]
         elif shortcut == "A" and changes:
@@ -276,6 +281,9 @@ class _ResidualBlock(Module):
         self.stride = stride
 
     def _shortcut_forward(self, x):
+        """(shortcut(x), cache); (None, None) in a plain network: nothing is added."""
+        if self.plain:
+            return None, None
         if self.downsample is not None:
             conv, bn = self.downsample
             return bn(conv(x)), None                               # (B, Cout, Hout, Wout)
@@ -284,6 +292,9 @@ class _ResidualBlock(Module):
         return x, None                                             # the identity
 
     def _shortcut_backward(self, dout, cache):
+        """The gradient that reaches x through the shortcut; None in a plain network."""
+        if self.plain:
+            return None
         if self.downsample is not None:
             conv, bn = self.downsample
             return conv.backward(bn.backward(dout))                # (B, Cin, H, W)
@@ -309,8 +320,8 @@ class BasicBlock(_ResidualBlock):
     def forward(self, x):
         out, relu1 = cnn_ops.relu_forward(self.bn1(self.conv1(x)))    # (B, planes, Hout, Wout)
         out = self.bn2(self.conv2(out))                               # (B, planes, Hout, Wout)
-        identity, shortcut_cache = self._shortcut_forward(x)          # (B, planes, Hout, Wout)
-        out, relu2 = cnn_ops.relu_forward(out + identity)
+        identity, shortcut_cache = self._shortcut_forward(x)          # (B, planes, Hout, Wout), None if plain
+        out, relu2 = cnn_ops.relu_forward(out if identity is None else out + identity)
         self._cache = (relu1, relu2, shortcut_cache)
         return out
 
@@ -324,7 +335,9 @@ class BasicBlock(_ResidualBlock):
         # forward: out = relu(bn1(conv1(x)))
         dx = self.conv1.backward(self.bn1.backward(cnn_ops.relu_backward(dmain, relu1)))
         # forward: identity = shortcut(x)  =>  x feeds both paths: add the two gradients
-        return dx + self._shortcut_backward(dsum, shortcut_cache)
+        # (a plain network has only the main path)
+        dshortcut = self._shortcut_backward(dsum, shortcut_cache)
+        return dx if dshortcut is None else dx + dshortcut
 
 
 class Bottleneck(_ResidualBlock):
@@ -348,8 +361,8 @@ class Bottleneck(_ResidualBlock):
         out, relu1 = cnn_ops.relu_forward(self.bn1(self.conv1(x)))    # (B, planes, H, W)
         out, relu2 = cnn_ops.relu_forward(self.bn2(self.conv2(out)))  # (B, planes, Hout, Wout)
         out = self.bn3(self.conv3(out))                               # (B, 4 planes, Hout, Wout)
-        identity, shortcut_cache = self._shortcut_forward(x)          # (B, 4 planes, Hout, Wout)
-        out, relu3 = cnn_ops.relu_forward(out + identity)
+        identity, shortcut_cache = self._shortcut_forward(x)          # (B, 4 planes, Hout, Wout), None if plain
+        out, relu3 = cnn_ops.relu_forward(out if identity is None else out + identity)
         self._cache = (relu1, relu2, relu3, shortcut_cache)
         return out
 
@@ -365,7 +378,9 @@ class Bottleneck(_ResidualBlock):
         # forward: out = relu(bn1(conv1(x)))
         dx = self.conv1.backward(self.bn1.backward(cnn_ops.relu_backward(dmain, relu1)))
         # forward: identity = shortcut(x)  =>  x feeds both paths: add the two gradients
-        return dx + self._shortcut_backward(dsum, shortcut_cache)
+        # (a plain network has only the main path)
+        dshortcut = self._shortcut_backward(dsum, shortcut_cache)
+        return dx if dshortcut is None else dx + dshortcut
 
 
 # ============================================================================= the network

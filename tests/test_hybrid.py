@@ -1,5 +1,5 @@
 """The hybrid ViT of minivit/model.py (paper §3.1): a ResNet's feature map cut into patches and
-fed to the ViT blocks. Parity with a PyTorch twin written here on the same weights (logits, the
+fed to the ViT blocks. Parity with minivit.bench's PyTorch twin on the same weights (logits, the
 images' and every parameter's gradient, BatchNorm running averages and attention maps, float64,
 BatchNorm in training and eval mode), a float64 gradient check of the whole model, parameter and
 FLOP counts of `minivit shapes` against the model and a hand count, the state dict with the
@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 import pytest
-from test_resnet import _close, randomise_buffers, torch_resnet
+from test_resnet import _close, randomise_buffers
 
 from minivit import cnn_ops
 from minivit.cli import main
@@ -41,72 +41,15 @@ def images(cfg, batch, seed=0, dtype=np.float64):
 # ============================================================================= the PyTorch twin
 
 def torch_hybrid(torch, cfg):
-    """timm's layout written with torch.nn: patch_embed.backbone (the twin ResNet of
-    test_resnet.py without its fc), patch_embed.proj (a P x P convolution with stride P), then
-    cls_token, pos_embed, pre-norm blocks with a fused qkv, norm, pooling and head."""
-    nn, F = torch.nn, torch.nn.functional
-    D, H, N = cfg.dim, cfg.heads, cfg.num_tokens
+    """minivit.bench's PyTorch twin of the hybrid (timm's layout and names), in float64, each
+    block keeping its attention probabilities as block.attn.probs (they enter attn_drop)."""
+    from minivit.bench import build_torch_hybrid
 
-    class Embed(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.backbone = torch_resnet(torch, cfg.backbone_config.replace(num_classes=1))
-            del self.backbone.fc                               # the backbone stops at its feature map
-            self.proj = nn.Conv2d(cfg.num_features, D, cfg.patch_size, cfg.patch_size)
-
-        def forward(self, x):
-            b = self.backbone
-            x = b.maxpool(F.relu(b.bn1(b.conv1(x))))
-            for i in range(b.stages):
-                x = getattr(b, f"layer{i + 1}")(x)             # (B, F, h, h)
-            return self.proj(x).flatten(2).transpose(1, 2)     # (B, G*G, D)
-
-    class Attention(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.qkv = nn.Linear(D, 3 * D, bias=cfg.qkv_bias)
-            self.proj = nn.Linear(D, D)
-
-        def forward(self, x):
-            B = x.shape[0]
-            q, k, v = self.qkv(x).reshape(B, N, 3, H, D // H).permute(2, 0, 3, 1, 4)   # 3 x (B, H, N, hs)
-            self.probs = ((q @ k.transpose(-2, -1)) * (D // H) ** -0.5).softmax(dim=-1)   # (B, H, N, N)
-            return self.proj((self.probs @ v).transpose(1, 2).reshape(B, N, D))
-
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm1 = nn.LayerNorm(D, eps=cfg.ln_eps)
-            self.attn = Attention()
-            self.norm2 = nn.LayerNorm(D, eps=cfg.ln_eps)
-            self.mlp = nn.Sequential()
-            self.mlp.fc1 = nn.Linear(D, cfg.hidden_dim)
-            self.mlp.act = nn.GELU()
-            self.mlp.fc2 = nn.Linear(cfg.hidden_dim, D)
-
-        def forward(self, x):
-            x = x + self.attn(self.norm1(x))
-            return x + self.mlp(self.norm2(x))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
-            self.pos_embed = nn.Parameter(torch.zeros(1, N, D))
-            self.patch_embed = Embed()
-            self.blocks = nn.ModuleList(Block() for _ in range(cfg.depth))
-            self.norm = nn.LayerNorm(D, eps=cfg.ln_eps)
-            self.head = nn.Linear(D, cfg.num_classes)
-
-        def forward(self, x):
-            x = self.patch_embed(x)                                                   # (B, G*G, D)
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed   # (B, N, D)
-            for block in self.blocks:
-                x = block(x)
-            x = self.norm(x)
-            return self.head(x[:, 0] if cfg.pool == "cls" else x[:, 1:].mean(dim=1))
-
-    return Net().double()
+    twin = build_torch_hybrid(cfg).double()
+    for block in twin.blocks:
+        block.attn.attn_drop.register_forward_hook(
+            lambda module, inputs, output, attn=block.attn: setattr(attn, "probs", inputs[0]))
+    return twin
 
 
 @pytest.mark.parametrize("cfg", [TINY, TINY_BOTTLENECK.replace(pool="mean")], ids=["basic-P1-cls", "bottleneck-P2-mean"])

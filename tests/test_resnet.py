@@ -1,5 +1,5 @@
 """The ResNets of minivit/resnet.py: exact parameter counts (torchvision's and the paper's),
-parity with a PyTorch twin written here on the same weights (logits, every parameter's
+parity with minivit.bench's PyTorch twin (torch.nn, torchvision's names) on the same weights (logits, every parameter's
 gradient, the input's gradient and the BatchNorm running averages, float64) for shortcut
 options A, B and C, a float64 gradient check of whole tiny ResNets, the state dict with its
 BatchNorm buffers, and clear errors for bad input.
@@ -90,85 +90,10 @@ def test_cifar_resnet18_count(monkeypatch):
 # ============================================================================= the PyTorch twin
 
 def torch_resnet(torch, cfg):
-    """A ResNet written with torch.nn, laid out like torchvision's (nn.Sequential stages named
-    layer1.., `downsample` = Sequential(conv, bn)), so its state_dict names are torchvision's."""
-    nn, F = torch.nn, torch.nn.functional
+    """minivit.bench's PyTorch twin of the ResNet (torchvision's layout and names), in float64."""
+    from minivit.bench import build_torch_resnet
 
-    class PadShortcut(nn.Module):            # option A
-        def __init__(self, cin, cout, stride):
-            super().__init__()
-            self.cin, self.cout, self.stride = cin, cout, stride
-
-        def forward(self, x):
-            front = (self.cout - self.cin) // 2
-            return F.pad(x[:, :, ::self.stride, ::self.stride], (0, 0, 0, 0, front, self.cout - self.cin - front))
-
-    def shortcut(cin, cout, stride):
-        changes = stride != 1 or cin != cout
-        if cfg.shortcut == "C" or (cfg.shortcut == "B" and changes):
-            return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-        return PadShortcut(cin, cout, stride) if changes else nn.Identity()
-
-    class Basic(nn.Module):
-        expansion = 1
-
-        def __init__(self, cin, planes, stride):
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(planes)
-            self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(planes)
-            self.downsample = shortcut(cin, planes, stride)
-
-        def forward(self, x):
-            out = F.relu(self.bn1(self.conv1(x)))
-            return F.relu(self.bn2(self.conv2(out)) + self.downsample(x))
-
-    class Bottle(nn.Module):
-        expansion = 4
-
-        def __init__(self, cin, planes, stride):
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(planes)
-            self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(planes)
-            self.conv3 = nn.Conv2d(planes, 4 * planes, 1, bias=False)
-            self.bn3 = nn.BatchNorm2d(4 * planes)
-            self.downsample = shortcut(cin, 4 * planes, stride)
-
-        def forward(self, x):
-            out = F.relu(self.bn1(self.conv1(x)))
-            out = F.relu(self.bn2(self.conv2(out)))
-            return F.relu(self.bn3(self.conv3(out)) + self.downsample(x))
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            w0 = cfg.widths[0]
-            imagenet = cfg.stem == "imagenet"
-            self.conv1 = nn.Conv2d(cfg.in_chans, w0, 7 if imagenet else 3, 2 if imagenet else 1,
-                                   3 if imagenet else 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(w0)
-            self.maxpool = nn.MaxPool2d(3, 2, 1) if imagenet else nn.Identity()
-            block = Basic if cfg.block == "basic" else Bottle
-            cin = w0
-            for i, (n, w) in enumerate(zip(cfg.layers, cfg.widths)):
-                blocks = []
-                for j in range(n):
-                    blocks.append(block(cin, w, 2 if i > 0 and j == 0 else 1))
-                    cin = w * block.expansion
-                setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-            self.stages = len(cfg.layers)
-            self.fc = nn.Linear(cin, cfg.num_classes)
-
-        def forward(self, x):
-            x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
-            for i in range(self.stages):
-                x = getattr(self, f"layer{i + 1}")(x)
-            return self.fc(x.mean(dim=(2, 3)))
-
-    return Net().double()
+    return build_torch_resnet(cfg).double()
 
 
 def _close(a, b, tol=1e-10):
@@ -425,3 +350,79 @@ def test_state_shapes_from_the_config_are_the_models(cfg):
     assert state_shapes(cfg) == {name: tuple(a.shape) for name, a in model.state_dict().items()}
     assert list(state_shapes(cfg)) == list(model.state_dict())
     assert state_shapes(cfg, buffers=False) == {name: p.shape for name, p in model.named_parameters()}
+
+
+# ============================================================================= plain networks (shortcut "none")
+
+PLAIN = TINY.replace(shortcut="none")
+
+
+@pytest.mark.parametrize("cfg", [PLAIN, TINY_BOTTLENECK.replace(shortcut="none")], ids=["basic", "bottleneck"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_whole_plain_network_gradient_check(cfg, mode):
+    """A plain network (He et al. §4.1: the same layers, no shortcuts) in float64, every parameter
+    and the images: the backward must not send anything through a shortcut that is not there."""
+    model = ResNet(cfg, seed=3).astype(np.float64)
+    randomise_buffers(model)
+    if cfg.stem == "imagenet":
+        model.bn1.bias.data[...] = -1.0          # as in test_whole_resnet_gradient_check
+    model.train(mode == "train")
+    errors = check_model(model, images(cfg, 3), np.array([0, 2, 1]), samples=3, seed=0)
+    assert len(errors) == len(model.parameters()) + 1
+    bad = {k: v for k, v in errors.items() if not v < TOLERANCE}
+    assert not bad, f"gradient check failed: {bad}"
+
+
+@pytest.mark.parametrize("cfg", [
+    get_preset("resnet20", shortcut="none", img_size=16),
+    ResNetConfig(block="bottleneck", layers=(1, 2), widths=(4, 6), stem="imagenet", shortcut="none", num_classes=5,
+                 in_chans=1, img_size=16),
+], ids=["resnet20", "bottleneck"])
+def test_plain_network_matches_pytorch(torch, cfg):
+    """The PyTorch twin's plain blocks compute relu(main(x)), written independently of minivit's."""
+    twin = torch_resnet(torch, cfg)
+    blocks = [m for m in twin.modules() if hasattr(m, "downsample")]
+    assert len(blocks) == sum(cfg.layers) and all(b.downsample is None for b in blocks)   # truly plain
+    _assert_parity(torch, cfg, batch=2)
+
+
+def test_plain_block_is_relu_of_its_main_path():
+    """By hand with cnn_ops, in eval mode on a stride-2 block (where option A would subsample and
+    pad): the plain block's output is relu(bn2(conv2(relu(bn1(conv1(x)))))) and nothing else,
+    while option A's block with the same weights adds its shortcut."""
+    from minivit import cnn_ops
+    model = ResNet(PLAIN, seed=4).astype(np.float64)
+    randomise_buffers(model)
+    model.eval()
+    block = model.layer2[0]
+    assert block.conv1.stride == 2 and block.downsample is None
+    x = np.random.default_rng(2).standard_normal((2, 3, 6, 6))              # (B, 3, 6, 6)
+
+    def bn(m, a):
+        return cnn_ops.batchnorm2d_forward(a, m.weight.data, m.bias.data, m.running_mean.copy(),
+                                           m.running_var.copy(), False)[0]
+
+    h = np.maximum(bn(block.bn1, cnn_ops.conv2d_forward(x, block.conv1.weight.data, None, 2, 1)[0]), 0)
+    main = bn(block.bn2, cnn_ops.conv2d_forward(h, block.conv2.weight.data, None, 1, 1)[0])   # (B, 4, 3, 3)
+    np.testing.assert_allclose(block(x), np.maximum(main, 0), rtol=1e-12, atol=1e-12)
+    residual = ResNet(TINY, seed=0).astype(np.float64)                     # option A, the same weights
+    residual.load_state_dict(model.state_dict())
+    identity = np.zeros_like(main)
+    identity[:, 0:3] = x[:, :, ::2, ::2]                                   # 3 -> 4 channels: front pad 0
+    np.testing.assert_allclose(residual.eval().layer2[0](x), np.maximum(main + identity, 0), rtol=1e-12, atol=1e-12)
+    assert not np.allclose(block(x), residual.layer2[0](x))
+
+
+def test_plain_state_shapes_and_parameters_are_option_as():
+    """No shortcut has no parameters: the plain network's state is option A's, entry for entry."""
+    for cfg in (PLAIN, TINY_BOTTLENECK.replace(shortcut="none"), get_preset("resnet56", shortcut="none")):
+        model = ResNet(cfg)
+        assert state_shapes(cfg) == {name: tuple(a.shape) for name, a in model.state_dict().items()}
+        assert state_shapes(cfg) == state_shapes(cfg.replace(shortcut="A"))
+        assert not any("downsample" in name for name in state_shapes(cfg))
+    assert ResNet(get_preset("resnet20", shortcut="none")).num_parameters() == cifar_resnet_count(3)
+
+
+def test_shortcut_validation_lists_none():
+    with pytest.raises(ValueError, match=r"shortcut must be one of \('A', 'B', 'C', 'none'\), got 'plain'"):
+        TINY.replace(shortcut="plain")
