@@ -5,6 +5,7 @@
     minivit bench --preset cifar-hybrid --batch-size 64
     minivit bench --preset vit-b16 --batch-size 8 --steps 6 --profile
     minivit bench --preset cifar-lesson --ops reference      # the clear ops of ops.py
+    minivit bench --preset cifar-recipe --batch-size 512 --device gpu   # CuPy beside PyTorch CUDA
 
 What is timed, for each framework, on the same images, labels and weights:
   train step   zero_grad, forward, mean cross-entropy, backward, AdamW update
@@ -34,6 +35,12 @@ The machine is shared and timings drift, so the two frameworks run alternately i
 process (minivit, torch, torch, minivit, minivit, torch, ...) after a warm-up, and the
 report gives the median images/s of each, their ratio minivit / PyTorch, and the spread
 (min..max) of the ratios of the pairs run back to back.
+
+--device gpu runs minivit on CuPy and PyTorch on CUDA (a CUDA build of PyTorch is needed),
+TF32 off in both (CuPy's default; PyTorch's matmul and cuDNN flags set to False), so both
+compute in float32. A GPU runs the work queued by a call after the call returns, so every
+clock read is preceded by a wait for the device (backend.synchronize for minivit,
+torch.cuda.synchronize for PyTorch); on the CPU those waits are no-ops.
 
 Peak memory of a training step is measured in a fresh subprocess per framework (so
 neither sees the other's allocations):
@@ -66,6 +73,7 @@ import time
 import numpy as np
 
 from . import cnn_ops, fastops, modules
+from .backend import DEVICES, check_device, synchronize, to_device, to_numpy
 from .config import HybridConfig, ViTConfig, config_from_dict, get_model_preset, list_presets, model_kind
 from .model import build_model
 from .resnet import BatchNorm2d, ResNetConfig
@@ -348,7 +356,7 @@ def torch_twin(model):
     import torch
 
     tmodel = build_torch(model.config, getattr(model, "pos_table", None))
-    state = {name: torch.from_numpy(np.array(v, copy=True)) for name, v in model.state_dict().items()}
+    state = {name: torch.from_numpy(to_numpy(v).copy()) for name, v in model.state_dict().items()}
     tmodel.load_state_dict(state, strict=True)
     return tmodel
 
@@ -369,7 +377,7 @@ def _batchnorm_train_mode(model, tmodel):
 
 
 def check_same_function(model, tmodel, images, tol=1e-4) -> float:
-    """Both models give the same logits (float32: up to ~1e-4 of their scale) in eval mode and,
+    """images: a NumPy batch, copied to each model's device. Both models give the same logits (float32: up to ~1e-4 of their scale) in eval mode and,
     where there is BatchNorm, also with BatchNorm in training mode (the batch's statistics),
     after which the running averages and batch counters both updated must agree too (the same
     normalisation for the next steps). Returns the largest difference found, each relative to
@@ -377,7 +385,7 @@ def check_same_function(model, tmodel, images, tol=1e-4) -> float:
     import torch
 
     def compare(what, ours, theirs):
-        ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
+        ours, theirs = to_numpy(ours).astype(np.float64), np.asarray(theirs, np.float64)
         scale = max(1.0, float(np.abs(theirs).max()))
         diff = float(np.abs(ours - theirs).max()) / scale
         if not diff <= tol:
@@ -389,22 +397,23 @@ def check_same_function(model, tmodel, images, tol=1e-4) -> float:
     if any(isinstance(m, BatchNorm2d) for m in model.modules()):
         modes.append("batchnorm train")
     worst = 0.0
+    tdevice = next(tmodel.parameters()).device
     for mode in modes:
         if mode == "eval":
             model.eval()
             tmodel.eval()
         else:
             _batchnorm_train_mode(model, tmodel)
-        ours = model(images)
+        ours = model(to_device(images, model.device))
         model.clear_cache()
         with torch.no_grad():
-            theirs = tmodel(torch.from_numpy(images)).numpy()
+            theirs = tmodel(torch.from_numpy(images).to(tdevice)).cpu().numpy()
         worst = max(worst, compare(f"logits ({mode})", ours, theirs))
     params = dict(model.named_parameters())
     ours_state = model.state_dict()
     for name, buffer in tmodel.state_dict().items():       # persistent buffers: BatchNorm's
         if name not in params:
-            worst = max(worst, compare(name, ours_state[name], buffer.numpy()))
+            worst = max(worst, compare(name, ours_state[name], buffer.cpu().numpy()))
     model.eval()
     tmodel.eval()
     return worst
@@ -451,39 +460,74 @@ def make_batch(config, batch_size: int, seed: int = 0):
     return images, labels
 
 
-def make_minivit(config, seed=0):
-    model = build_model(config, seed=seed)
+def make_minivit(config, seed=0, device="cpu"):
+    model = build_model(config, seed=seed).to(device)
     opt = AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
     return model, opt
 
 
-def make_torch(model):
+def make_torch(model, device="cpu"):
+    """The twin and its AdamW, on torch's `device` ("cpu" or "cuda")."""
     import torch
 
-    tmodel = torch_twin(model)
+    tmodel = torch_twin(model).to(device)
     topt = torch.optim.AdamW(tmodel.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY)
     return tmodel, topt
 
 
 # ----------------------------------------------------------------------------- alternating timing
 
-def alternate(fa, fb, steps: int, warmup: int):
+def _no_wait():
+    pass
+
+
+def alternate(fa, fb, steps: int, warmup: int, sync_a=_no_wait, sync_b=_no_wait):
     """Run the two alternately, warm-up pairs first (untimed); returns the two lists of seconds.
 
     The order flips every pair (a b, b a, a b, ...), so neither always runs right after
-    the other (whose threads may still be spinning down, whose data fills the caches)."""
+    the other (whose threads may still be spinning down, whose data fills the caches).
+    sync_a / sync_b wait until a's / b's device has finished what was queued (a GPU runs a
+    call's kernels after the call returns); each is called right before every clock read
+    around its framework's step, so a time is the step's work and nothing queued before it."""
     for _ in range(warmup):
         fa()
         fb()
+    sync_a()
+    sync_b()
     gc.collect()
     ta, tb = [], []
     for i in range(steps):
-        pair = ((fa, ta), (fb, tb)) if i % 2 == 0 else ((fb, tb), (fa, ta))
-        for f, times in pair:
+        pair = ((fa, sync_a, ta), (fb, sync_b, tb)) if i % 2 == 0 else ((fb, sync_b, tb), (fa, sync_a, ta))
+        for f, sync, times in pair:
+            sync()
             t0 = time.perf_counter()
             f()
+            sync()
             times.append(time.perf_counter() - t0)
     return ta, tb
+
+
+def torch_device(torch, device: str) -> str:
+    """PyTorch's device for minivit's ("cpu" or "gpu" -> "cuda"). On CUDA, TF32 is switched off
+    for matrix products and cuDNN convolutions, so PyTorch computes in float32 as CuPy does by
+    default (CUPY_TF32 unset)."""
+    if check_device(device) == "cpu":
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"minivit bench --device gpu compares with PyTorch on CUDA, but this PyTorch "
+                           f"({torch.__version__}) has no CUDA device (torch.cuda.is_available() is False); "
+                           f"install a CUDA build of PyTorch")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return "cuda"
+
+
+def device_waits(torch, device: str):
+    """(minivit's wait, PyTorch's wait) for the devices of --device: each a function that returns
+    once its framework's queued work is done (no-ops on the CPU)."""
+    if device == "cpu":
+        return _no_wait, _no_wait
+    return (lambda: synchronize(device)), torch.cuda.synchronize
 
 
 def summarize(ta, tb, batch_size):
@@ -615,7 +659,8 @@ class _Timers:
     ("Attention.forward#0", "attention_forward#0", "linear_forward#1") for attn.proj.
     """
 
-    def __init__(self):
+    def __init__(self, sync=None):
+        self.sync = sync or _no_wait          # waits for the device before each clock read (GPU)
         self.thread = threading.get_ident()   # calls from fastops' worker threads run untimed
         self.stack = [["step", 0.0, {}]]      # [name, child seconds, calls of each child name]
         self.path = ["step"]
@@ -632,10 +677,12 @@ class _Timers:
             parent[2][name] = k + 1
             timers.stack.append([name, 0.0, {}])
             timers.path.append(f"{name}#{k}")
+            timers.sync()
             t0 = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
+                timers.sync()
                 total = time.perf_counter() - t0
                 frame = timers.stack.pop()
                 key = tuple(timers.path[1:])
@@ -738,24 +785,31 @@ def _timed_everything(timers):
             setattr(owner, name, fn)
 
 
-def profile_step(model, opt, images, labels, steps: int) -> list[tuple[str, float, float]]:
-    """(label, forward ms, backward ms) per step, for minivit's training step, largest first."""
-    timers = _Timers()
+def profile_step(model, opt, images, labels, steps: int, sync=_no_wait) -> list[tuple[str, float, float]]:
+    """(label, forward ms, backward ms) per step, for minivit's training step, largest first.
+    sync waits for the device before every clock read (on a GPU each op's time is then its
+    kernels' time, though the waits themselves slow the step down)."""
+    timers = _Timers(sync)
+
+    def now():
+        sync()
+        return time.perf_counter()
+
     loss_t = opt_t = zero_t = 0.0
     with _timed_everything(timers):
         for _ in range(steps):
-            t0 = time.perf_counter()
+            t0 = now()
             model.zero_grad()
-            t1 = time.perf_counter()
+            t1 = now()
             logits = timers.wrap("forward", model)(images)
-            t2 = time.perf_counter()
+            t2 = now()
             loss, cache = cross_entropy_forward(logits, labels)
             dlogits = cross_entropy_backward(cache)
-            t3 = time.perf_counter()
+            t3 = now()
             timers.wrap("backward", model.backward)(dlogits)
-            t4 = time.perf_counter()
+            t4 = now()
             opt.step()
-            t5 = time.perf_counter()
+            t5 = now()
             zero_t += t1 - t0
             loss_t += t3 - t2
             opt_t += t5 - t4
@@ -785,9 +839,12 @@ def format_profile(rows) -> str:
 # ----------------------------------------------------------------------------- the command
 
 def run(preset="cifar-lesson", batch_size=128, threads=None, steps=10, warmup=3, profile=False,
-        overrides=None, ops="fast", memory=True, infer=True, out=print) -> dict:
+        overrides=None, ops="fast", memory=True, infer=True, out=print, device="cpu") -> dict:
     import torch
 
+    check_device(device)                 # a GPU that cannot be used: gpu_status() says why
+    tdevice = torch_device(torch, device)
+    wait_minivit, wait_torch = device_waits(torch, device)
     threads = threads or os.cpu_count() or 1
     config = get_model_preset(preset, **(overrides or {}))     # any kind: ViT, hybrid, ResNet
     kind = model_kind(config)
@@ -797,15 +854,18 @@ def run(preset="cifar-lesson", batch_size=128, threads=None, steps=10, warmup=3,
     try:
         how = set_threads(threads, torch)
         images, labels = make_batch(config, batch_size)
-        model, opt = make_minivit(config)
-        tmodel, topt = make_torch(model)
+        model, opt = make_minivit(config, device=device)
+        tmodel, topt = make_torch(model, tdevice)
         diff = check_same_function(model, tmodel, images)
-        timages, tlabels = torch.from_numpy(images), torch.from_numpy(labels)
+        timages, tlabels = torch.from_numpy(images).to(tdevice), torch.from_numpy(labels).to(tdevice)
+        images, labels = to_device(images, device), to_device(labels, device)
         batchnorm = any(isinstance(m, BatchNorm2d) for m in model.modules())
 
         ops_note = {"vit": "", "hybrid": " for the transformer, cnn_ops for the backbone",
                     "resnet": " (unused: a ResNet runs on cnn_ops, which has one version)"}[kind]
-        out(f"minivit bench: preset {preset} ({kind}), batch {batch_size}, float32, {threads} threads, "
+        where = (f"{threads} threads" if device == "cpu" else
+                 f"on the GPU (CuPy; PyTorch on CUDA, TF32 off in both; {threads} host threads)")
+        out(f"minivit bench: preset {preset} ({kind}), batch {batch_size}, float32, {where}, "
             f"ops={ops}{ops_note}, {steps} alternating steps after {warmup} warm-up")
         out(f"  {config}")
         out(f"  {model.num_parameters():,} parameters; numpy {np.__version__}, torch {torch.__version__}; {how}; "
@@ -818,19 +878,21 @@ def run(preset="cifar-lesson", batch_size=128, threads=None, steps=10, warmup=3,
                 f"averages): max relative difference {diff:.2e}")
         else:
             out(f"  same logits as the PyTorch twin: max |difference| {diff:.2e}")
-        result = {"preset": preset, "model": kind, "batch_size": batch_size, "threads": threads, "ops": ops,
+        result = {"preset": preset, "model": kind, "device": device, "batch_size": batch_size, "threads": threads,
+                  "ops": ops,
                   "steps": steps, "warmup": warmup, "optimizer": OPTIMIZER, "logits_max_diff": diff}
 
         model.train()
         tmodel.train()
         ta, tb = alternate(lambda: minivit_train_step(model, opt, images, labels),
-                           lambda: torch_train_step(tmodel, topt, timages, tlabels), steps, warmup)
+                           lambda: torch_train_step(tmodel, topt, timages, tlabels), steps, warmup,
+                           wait_minivit, wait_torch)
         result["train"] = summarize(ta, tb, batch_size)
         if infer:
             model.eval()
             tmodel.eval()
             ta, tb = alternate(lambda: minivit_infer(model, images), lambda: torch_infer(tmodel, timages),
-                               steps, warmup)
+                               steps, warmup, wait_minivit, wait_torch)
             result["infer"] = summarize(ta, tb, batch_size)
             model.train()
 
@@ -844,7 +906,10 @@ def run(preset="cifar-lesson", batch_size=128, threads=None, steps=10, warmup=3,
                     f"{r['torch_img_s']:13.1f}{r['ratio']:8.2f}  ({r['ratio_min']:.2f}..{r['ratio_max']:.2f})"
                     f"{' ' * 9}{r['minivit_ms']:12.1f}{r['torch_ms']:10.1f}")
 
-        if memory:
+        if memory and device != "cpu":
+            out("")
+            out("peak memory: not measured with --device gpu (RSS and tracemalloc see host memory only)")
+        elif memory:
             mem = {fw: measure_memory(fw, config, batch_size, threads, ops) for fw in ("minivit", "torch")}
             result["memory"] = mem
             out("")
@@ -860,7 +925,7 @@ def run(preset="cifar-lesson", batch_size=128, threads=None, steps=10, warmup=3,
 
         if profile:
             model.train()
-            rows = profile_step(model, opt, images, labels, max(1, steps))
+            rows = profile_step(model, opt, images, labels, max(1, steps), wait_minivit)
             result["profile"] = rows
             out("")
             out(format_profile(rows))
@@ -888,6 +953,8 @@ def register(subparsers):
                    help="minivit's ops: fast (fastops.py, default) or reference (ops.py)")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory measurement")
     p.add_argument("--no-infer", dest="infer", action="store_false", help="skip the inference timing")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="cpu (NumPy beside PyTorch on the CPU, default) or gpu (CuPy beside PyTorch on CUDA)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     p.set_defaults(func=_run)
 
@@ -900,6 +967,7 @@ def _run(args):
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0 or (args.threads is not None and args.threads < 1):
         raise ValueError("--warmup must be >= 0 and --threads >= 1")
+    check_device(args.device)            # before anything is built: gpu_status() says why not
     # the preset's kind says how to read --set (an unknown name is an error listing every preset)
     config_class = type(get_model_preset(args.preset))
     try:
@@ -907,7 +975,8 @@ def _run(args):
     except ImportError:
         raise RuntimeError("minivit bench compares with PyTorch: pip install -e '.[reference]'") from None
     result = run(args.preset, args.batch_size, args.threads, args.steps, args.warmup, args.profile,
-                 parse_overrides(args.overrides, config_class), args.ops, args.memory, args.infer)
+                 parse_overrides(args.overrides, config_class), args.ops, args.memory, args.infer,
+                 device=args.device)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from .backend import get_array_module, to_numpy
+from .backend import DEVICES, check_device, get_array_module, to_device, to_numpy
 
 TOLERANCE = 1e-6
 
@@ -114,7 +114,8 @@ def check_model(model, images, labels, *, seed=0, samples=8, names=None, h=1e-5,
     """Gradient check of a whole model with the cross-entropy loss: every parameter tensor
     (or those in `names`), `samples` random entries each, and the input images.
 
-    The model must be float64. In training mode with dropout or drop-path, pass
+    The model must be float64; images and labels on its device (on a GPU every forward pass
+    runs there, in float64, and only the scalar loss comes back). In training mode with dropout or drop-path, pass
     `mask_seed`: the model is reseeded before every forward pass, so every pass draws
     the same masks and the loss is a fixed, differentiable function of the weights.
     Returns {name: rel_error}; the input's key is "images".
@@ -178,6 +179,8 @@ def register(subparsers):
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--samples", type=int, default=4, help="entries checked per parameter tensor")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help="cpu (NumPy) or gpu (CuPy): where the float64 passes run (default cpu)")
     p.set_defaults(func=_run)
 
 
@@ -188,12 +191,15 @@ def _run(args):
 
     if args.batch_size < 1 or args.samples < 1:
         raise ValueError(f"--batch-size and --samples must be >= 1, got {args.batch_size} and {args.samples}")
+    device = check_device(args.device)      # a GPU that cannot be used: gpu_status() says why
     config = get_preset(args.preset, **parse_overrides(args.overrides))
-    print(f"{args.preset} with {', '.join(args.overrides)}: {config}")
+    print(f"{args.preset} with {', '.join(args.overrides)}: {config}" + (" (float64 on the GPU)" if device == "gpu" else ""))
     model = ViT(config, seed=args.seed).astype(np.float64).eval()
+    model.to(device)
     rng = np.random.default_rng(args.seed)
     images = rng.standard_normal((args.batch_size, config.in_chans, config.img_size, config.img_size))
     labels = rng.integers(0, max(config.num_classes, 1), args.batch_size)
+    images, labels = to_device(images, device), to_device(labels, device)
     errors = check_model(model, images, labels, samples=args.samples, seed=args.seed, h=1e-4)
     width = max(map(len, errors))
     for name, err in errors.items():

@@ -1,13 +1,15 @@
 """`minivit predict`: classify images with pretrained weights.
 
     minivit predict --weights vit-base-patch16-224/ cat.jpg dog.png --top 5
+    minivit predict --weights vit-base-patch16-224/ cat.jpg --device gpu
 
 The weights are anything load_pretrained reads (a Hugging Face directory, a timm
 safetensors file, the paper's .npz). Each image is read with Pillow, converted to RGB,
 resized to the checkpoint's S x S with bilinear filtering (as transformers'
 ViTImageProcessor does: no crop), scaled to [0, 1] and normalised with the checkpoint's
 mean and std. One forward pass per image; the top classes are printed with their
-softmax probabilities.
+softmax probabilities. With --device gpu the model and each image are copied to the GPU
+(CuPy) and the probabilities back.
 
 Shape legend: C channels, S image side, K classes.
 """
@@ -18,6 +20,7 @@ import warnings
 import numpy as np
 
 from . import ops
+from .backend import DEVICES, check_device, get_array_module, to_device, to_numpy
 from .pretrained import load_pretrained
 
 # The largest image read, in pixels (width x height). Decoding costs 3 to 4 bytes a pixel, and a
@@ -38,6 +41,7 @@ def register(subparsers):
                         help="checkpoint: a Hugging Face directory, a .safetensors file or an .npz file")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     parser.add_argument("--top", type=int, default=5, help="how many classes to print per image (default 5)")
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="cpu (NumPy) or gpu (CuPy) (default cpu)")
     parser.set_defaults(func=run)
 
 
@@ -89,6 +93,7 @@ def top_classes(probs, k, class_names=None):
 def run(args):
     if args.top < 1:
         raise ValueError(f"--top must be at least 1, got {args.top}")
+    device = check_device(getattr(args, "device", "cpu"))   # a GPU that cannot be used: gpu_status() says why
     # Read every image before the (slow) weight load, so a typo fails at once.
     images = [(path, read_image(path)) for path in args.images]
     model, meta = load_pretrained(args.weights)
@@ -96,15 +101,17 @@ def run(args):
     if cfg.num_classes == 0:
         raise ValueError(f"{args.weights!r} has no classification head (num_classes = 0); nothing to predict")
     model.eval()
+    model.to(device)
     k = min(args.top, cfg.num_classes)
     for path, img in images:
         x = preprocess(img, cfg.img_size, meta["mean"], meta["std"], cfg.in_chans)[None]   # (1, C, S, S)
         with np.errstate(over="ignore", invalid="ignore"):     # checked just below, in one clear line
-            logits = model(x)                                                            # (1, K)
-        if not np.isfinite(logits).all():   # finite weights can still overflow float32
+            logits = model(to_device(x, device))                                         # (1, K)
+        if not get_array_module(logits).isfinite(logits).all():   # finite weights can still overflow float32
             raise ValueError(f"the model's outputs (logits) for {path!r} are not finite (NaN or infinity); "
                              f"the weights {args.weights!r} are unusable")
         probs, _ = ops.softmax_forward(logits.astype(np.float64), axis=-1)               # (1, K)
+        probs = to_numpy(probs)                                                          # on the host
         print(path)
         for name, p in top_classes(probs[0], k, meta["class_names"]):
             print(f"  {p:7.2%}  {name}")

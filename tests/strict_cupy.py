@@ -74,6 +74,7 @@ class ndarray:
     nbytes = property(lambda self: self._a.nbytes)
     strides = property(lambda self: self._a.strides)
     flags = property(lambda self: self._a.flags)
+    device = property(lambda self: cuda.Device(0))     # the one device the stand-in has
     T = property(lambda self: _wrap(self._a.T))
 
     # ------------------------------------------------------------------ explicit transfers and host waits
@@ -328,9 +329,13 @@ linalg = types.SimpleNamespace(**{n: _function(getattr(_np.linalg, n), f"linalg.
 # ----------------------------------------------------------------------------- random, cuda, cupyx.scipy.special
 
 class Generator:
-    """cupy.random.Generator: its draws are device arrays."""
+    """cupy.random.Generator: its draws are device arrays. `created` counts the constructions
+    (each of CuPy's fills a large per-thread state with a kernel of its own)."""
+
+    created = 0
 
     def __init__(self, seed):
+        Generator.created += 1
         self._rng = _np.random.default_rng(seed)
 
     def random(self, size=None, dtype=_np.float64, out=None):
@@ -351,7 +356,38 @@ def _default_rng(seed=None):
     return Generator(seed)
 
 
-random = types.SimpleNamespace(default_rng=_default_rng, Generator=Generator)
+class RandomState:
+    """cupy.random.RandomState (cuRAND's host API): a seed of 0 .. 2**64 - 1 and a method.
+    `created` counts the constructions (cuRAND allocates a generator for each), so that a test
+    can prove minivit makes one and re-keys it rather than making one per draw."""
+
+    created = 0
+
+    def __init__(self, seed=None, method=None):
+        if method not in _CURAND_METHODS:
+            raise ValueError(f"strict_cupy: RandomState method must be one of cupy.cuda.curand's "
+                             f"CURAND_RNG_PSEUDO_* values {sorted(_CURAND_METHODS)}, got {method!r}")
+        RandomState.created += 1
+        self.method = method
+        self.seed(seed)
+
+    def seed(self, seed=None):
+        # CuPy takes an integer seed that fits in uint64 (cuRAND's unsigned long long); no seed
+        # means fresh entropy, which minivit never wants
+        if seed is None or not isinstance(seed, (int, _np.integer)) or isinstance(seed, bool):
+            raise TypeError(f"strict_cupy: RandomState.seed takes an integer, got {seed!r}")
+        if not 0 <= int(seed) < 2**64:
+            raise ValueError(f"strict_cupy: RandomState seed must be in [0, 2**64), got {seed}")
+        self._rng = _np.random.Generator(_np.random.Philox(key=int(seed)))
+
+    def random_sample(self, size=None, dtype=float):
+        dtype = _np.dtype(dtype)
+        if dtype not in (_np.float32, _np.float64):
+            raise TypeError(f"strict_cupy: RandomState.random_sample dtype must be float32 or float64, got {dtype}")
+        return _make(_np.asarray(self._rng.random(() if size is None else size, dtype=dtype)))
+
+
+random = types.SimpleNamespace(default_rng=_default_rng, Generator=Generator, RandomState=RandomState)
 
 
 class _Runtime:
@@ -362,13 +398,30 @@ class _Runtime:
         return cls.device_count
 
 
+# Every synchronisation asked of the stand-in, in order ("device 0" or "stream"): a test can
+# clear it and check that a timer waited for the device before reading its clock.
+synchronizations = []
+
+
 class _Stream:
     def synchronize(self):
-        pass
+        synchronizations.append("stream")
 
 
-cuda = types.SimpleNamespace(runtime=_Runtime, Device=lambda device=0: types.SimpleNamespace(
-    synchronize=lambda: None, id=device), get_current_stream=lambda: _Stream(), Stream=_Stream)
+class _Device:
+    def __init__(self, device=0):
+        self.id = device
+
+    def synchronize(self):
+        synchronizations.append(f"device {self.id}")
+
+
+_CURAND_METHODS = {100, 101, 121, 141, 142, 161}      # cuRAND's curandRngType_t pseudo-random values
+curand = types.SimpleNamespace(CURAND_RNG_PSEUDO_DEFAULT=100, CURAND_RNG_PSEUDO_XORWOW=101,
+                               CURAND_RNG_PSEUDO_MRG32K3A=121, CURAND_RNG_PSEUDO_MTGP32=141,
+                               CURAND_RNG_PSEUDO_MT19937=142, CURAND_RNG_PSEUDO_PHILOX4_32_10=161)
+cuda = types.SimpleNamespace(runtime=_Runtime, Device=_Device, get_device_id=lambda: 0,
+                             get_current_stream=lambda: _Stream(), Stream=_Stream, curand=curand)
 
 
 def _erf(x):
