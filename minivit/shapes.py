@@ -112,8 +112,8 @@ def walk_resnet(config: ResNetConfig, prefix: str = "", head: bool = True) -> li
         return Step(prefix + name, _dims(cout, out, out), cout * cin * k * k, flops,
                     note or f"{k}x{k} conv" + (f", stride {stride}" if stride > 1 else "")), out
 
-    def bn(name, channels, side):
-        return Step(prefix + name, _dims(channels, side, side), 2 * channels, 0, "BatchNorm (+ ReLU)")
+    def bn(name, channels, side, note="BatchNorm (+ ReLU)"):
+        return Step(prefix + name, _dims(channels, side, side), 2 * channels, 0, note)
 
     side, w0 = c.img_size, c.widths[0]
     if c.stem == "imagenet":
@@ -139,14 +139,18 @@ def walk_resnet(config: ResNetConfig, prefix: str = "", head: bool = True) -> li
                            ("conv3", width, cout, 1, 1, 0)]
             for k, (conv_name, a, b, kernel, st, pad) in enumerate(kernels):
                 step, side = conv(name + conv_name, a, b, kernel, st, pad, side)
-                rows += [step, bn(f"{name}bn{k + 1}", b, side)]
+                last = k == len(kernels) - 1             # its ReLU comes after the addition
+                rows += [step, bn(f"{name}bn{k + 1}", b, side, "BatchNorm" if last else "BatchNorm (+ ReLU)")]
             if c.shortcut == "C" or (c.shortcut == "B" and (stride != 1 or cin != cout)):
                 step, _ = conv(name + "downsample.0", cin, cout, 1, stride, 0, s_in, "1x1 conv: the projection shortcut")
                 rows += [step, Step(prefix + name + "downsample.1", _dims(cout, side, side), 2 * cout, 0, "BatchNorm")]
-            elif stride != 1 or cin != cout:
+            elif c.shortcut == "A" and (stride != 1 or cin != cout):
                 rows.append(Step("+ shortcut", _dims(cout, side, side), 0, 0,
                                  "every 2nd pixel, zero channels added (option A)"))
-            rows.append(Step("+ residual, ReLU", _dims(cout, side, side), 0, 0, "relu(main + shortcut)"))
+            if c.shortcut == "none":                     # the paper's plain network: no addition
+                rows.append(Step("ReLU", _dims(cout, side, side), 0, 0, "relu(main): plain, no shortcut"))
+            else:
+                rows.append(Step("+ residual, ReLU", _dims(cout, side, side), 0, 0, "relu(main + shortcut)"))
             block_steps.append(rows)
             cin = cout
         steps += block_steps[0]

@@ -123,3 +123,18 @@ def test_resnet_walk_counts_parameters_and_flops(monkeypatch):
         assert count_parameters(config) == ResNet(config).num_parameters(), name
     steps = [s.name for s in walk_resnet(get_model_preset("resnet50"))]
     assert steps[:4] == ["image", "conv1", "bn1", "maxpool"] and "layer1.0.downsample.0" in steps
+
+
+def test_resnet_walk_says_which_blocks_add_a_shortcut():
+    """A plain network (shortcut 'none') adds nothing, option A pads where the shape changes, and only
+    the last BatchNorm of a block is not followed by its own ReLU (that ReLU comes after the addition)."""
+    from minivit.shapes import walk_resnet
+    plain = walk_resnet(get_model_preset("resnet20", shortcut="none"))
+    residual = walk_resnet(get_model_preset("resnet20"))
+    names = lambda steps: [s.name for s in steps]
+    assert "+ residual, ReLU" not in names(plain) and "+ shortcut" not in names(plain)
+    assert names(plain).count("ReLU") == 3 and names(residual).count("+ residual, ReLU") == 3   # one walked block a stage
+    assert names(residual).count("+ shortcut") == 2                 # stages 2 and 3 halve the side: option A
+    notes = {s.name: s.note for s in residual}
+    assert notes["layer1.0.bn1"] == "BatchNorm (+ ReLU)" and notes["layer1.0.bn2"] == "BatchNorm"
+    assert sum(s.params for s in plain) == sum(s.params for s in residual)

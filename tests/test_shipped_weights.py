@@ -219,3 +219,35 @@ def test_the_shipped_transfer_weights_score_what_they_record(cifar_archive):
     correct = int((logits.argmax(axis=1) == data.test_labels[:1000]).sum())
     assert abs(correct - EXP_TRANSFER_SLICE_CORRECT) <= 2, (correct, EXP_TRANSFER_SLICE_CORRECT)
     assert abs(notes["float16_test_correct"] / notes["float16_test_images"] - notes["run_test_accuracy"]) < 0.003
+
+
+EXP_RESNET20_SLICE_CORRECT = 613   # first 1,000 test images, measured when shipped
+
+
+def test_the_shipped_resnet20_weights_score_what_they_record(cifar_archive):
+    """lessons/weights/exp-resnet20.npz: the data_scale_cnn experiment's ResNet-20 run on the first
+    5,000 training images, seed 0 (lesson 11); a weights-only checkpoint with its BatchNorm running
+    averages, re-scored in eval mode on the first 1,000 real test images."""
+    from minivit.checkpoint import load_model_checkpoint
+    from minivit.config import get_model_preset
+    from minivit.data import load_cifar10
+    from minivit.experiments import data_scale_cnn
+    from minivit.train import read_metrics_csv
+
+    model, meta = load_model_checkpoint(WEIGHTS / "exp-resnet20.npz")
+    notes = meta["notes"]
+    run = next(r for r in data_scale_cnn((0,)) if r.variant["model"] == "resnet20" and r.variant["train_images"] == 5000)
+    config, recipe = run.build()
+    assert model.config == config == get_model_preset("resnet20")
+    assert Recipe(**notes["recipe"]) == recipe and notes["epochs"] == recipe.epochs == 20
+    assert notes["command"].startswith("python -m minivit.experiments data_scale_cnn --runs") and run.name in notes["command"]
+    history = read_metrics_csv(WEIGHTS / "exp-resnet20.metrics.csv")
+    assert [r["epoch"] for r in history] == list(range(1, 21))
+    assert history[-1]["test_acc"] == notes["run_test_accuracy"]
+    assert notes["shipped_test_images"] == 10000 and notes["shipped_slice_correct"] == EXP_RESNET20_SLICE_CORRECT
+    data = load_cifar10(cifar_archive, limit=1000)
+    logits = predict(model, data.test_images, 250, meta["normalize"]["mean"], meta["normalize"]["std"])
+    correct = int((logits.argmax(axis=1) == data.test_labels).sum())
+    assert abs(correct - EXP_RESNET20_SLICE_CORRECT) <= 2, (correct, EXP_RESNET20_SLICE_CORRECT)
+    # the run measured the first 5,000 test images, the notes all 10,000: close, not equal
+    assert abs(notes["shipped_test_correct"] / notes["shipped_test_images"] - notes["run_test_accuracy"]) < 0.02
