@@ -206,3 +206,26 @@ def test_a_run_of_another_kind_of_model_trains_through_the_same_runner(tmp_path)
     row = ex.row(run, tmp_path / "runs")
     from minivit.resnet import ResNet
     assert row["model"] == "resnet20" and row["params"] == ResNet(run.build()[0]).num_parameters()
+
+
+def test_the_data_scale_hybrid_is_the_base_vit_on_a_convolutional_stem():
+    """data_scale_cnn's hybrid changes only what makes a token: the base ViT's blocks, positions,
+    pooling, init and recipe, on 64 tokens (an 8 x 8 map of 1 x 1 patches, as the base's 4 x 4 pixel
+    patches give 64); the ResNet keeps He et al.'s SGD recipe. Both see the data-scale experiment's
+    images and warmup."""
+    from minivit.config import HybridConfig
+    from minivit.model import build_model
+    runs = ex.data_scale_cnn()
+    hybrid = [r for r in runs if r.variant["model"] == "hybrid"]
+    assert len(hybrid) == 8 and len(runs) == 16
+    for run in hybrid:
+        config, recipe = run.build()
+        assert isinstance(config, HybridConfig)
+        for name in ("dim", "depth", "heads", "mlp_dim", "pos_embed", "init", "pool", "num_classes"):
+            assert getattr(config, name) == getattr(ex.BASE_CONFIG, name), name
+        n = run.variant["train_images"]
+        same_scale = [r for r in ex.data_scale() if r.variant["train_images"] == n and r.variant["seed"] == run.variant["seed"]]
+        assert recipe == same_scale[0].build()[1]            # the ViT's recipe at that scale, exactly
+    model, vit = build_model(hybrid[0].build()[0]), build_model(ex.BASE_CONFIG)
+    assert model.pos_embed.shape == vit.pos_embed.shape == (1, 65, 96)     # 64 tokens + [CLS]'s slot
+    assert model.forward(np.zeros((2, 3, 32, 32), np.float32)).shape == (2, 10)
