@@ -335,6 +335,16 @@ def read_csv(experiment: str, results: Path = RESULTS) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def report_rows(experiment: str, results: Path = RESULTS) -> list[dict]:
+    """The experiment's rows as its table and figure show them. data_scale_cnn's come with the
+    ViT's data_scale rows as model "vit" (the same images, images seen and warmup), so the
+    paper's comparison is one table and one figure."""
+    rows = read_csv(experiment, results)
+    if experiment == "data_scale_cnn" and (results / "data_scale.csv").exists():
+        rows = [{"model": "vit", **r} for r in read_csv("data_scale", results)] + rows
+    return rows
+
+
 def summary(rows: list[dict]) -> list[dict]:
     """One row per variant: the mean, lowest and highest test accuracy over its seeds."""
     columns = list(rows[0])
@@ -474,7 +484,7 @@ def main(argv=None) -> int:
             if not (results / f"{name}.csv").exists():
                 print(f"{name}: no results yet ({results / name}.csv)")
                 continue
-            rows = read_csv(name, results)
+            rows = report_rows(name, results)
             plot(name, rows, results.parent / "figures" / f"{name}.png")
             print(f"### {name}\n\n{markdown_table(summary(rows))}\n")
         return 0

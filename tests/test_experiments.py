@@ -102,6 +102,21 @@ def test_report_summarises_seeds_and_draws_the_figure(tmp_path, capsys):
     assert (tmp_path / "figures" / "pool_lr.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_the_cnn_report_puts_the_vits_data_scale_rows_beside_the_cnns(tmp_path, capsys):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "data_scale.csv").write_text("train_images,seed,params,forward_mflops,test_acc,seconds_per_epoch\n"
+                                            "5000,0,311338,45.42,0.43,37\n5000,1,311338,45.42,0.45,38\n")
+    (results / "data_scale_cnn.csv").write_text("model,train_images,seed,params,forward_mflops,test_acc,seconds_per_epoch\n"
+                                                "resnet20,5000,0,269722,81.1,0.61,150\n")
+    rows = ex.report_rows("data_scale_cnn", results)
+    assert [(r["model"], r["seed"]) for r in rows] == [("vit", "0"), ("vit", "1"), ("resnet20", "0")]
+    assert ex.report_rows("data_scale", results) == ex.read_csv("data_scale", results)    # others unchanged
+    assert ex.main(["data_scale_cnn", "--report", "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "| vit | 5000 | 44.0% (43.0-45.0) | 2 | 45.4 | 38 |" in out and "| resnet20 | 5000 | 61.0% (61.0-61.0) |" in out
+
+
 def test_a_run_with_a_checkpoint_but_short_metrics_is_resumed_not_restarted(tmp_path):
     data = synthetic_data()
     run = ex.Run("tiny", {"seed": 0}, TINY, {**QUICK, "seed": 0})
