@@ -244,3 +244,22 @@ def test_the_data_scale_hybrid_is_the_base_vit_on_a_convolutional_stem():
     model, vit = build_model(hybrid[0].build()[0]), build_model(ex.BASE_CONFIG)
     assert model.pos_embed.shape == vit.pos_embed.shape == (1, 65, 96)     # 64 tokens + [CLS]'s slot
     assert model.forward(np.zeros((2, 3, 32, 32), np.float32)).shape == (2, 10)
+
+
+def test_cnn_vs_vit_compares_at_equal_epochs_and_resnet56_at_equal_flops():
+    """cnn_vs_vit: every model 20 epochs on all of CIFAR-10 and tested on all of it; ResNet-56 costs
+    the recipe ViT's FLOPs per image (within 1%), so the two train with the same compute; the hybrid
+    and the ViT share the ViT recipe, the ResNets He et al.'s SGD."""
+    from minivit import get_preset
+    from minivit.shapes import count_flops
+    runs = {(r.variant["model"], r.variant["seed"]): r.build() for r in ex.cnn_vs_vit()}
+    assert sorted(runs) == [(m, s) for m in ("hybrid", "resnet20", "resnet56", "vit") for s in (0, 1)]
+    for (model, seed), (config, recipe) in runs.items():
+        assert (recipe.epochs, recipe.limit_train, recipe.limit_test, recipe.seed) == (20, None, None, seed)
+        assert recipe.optimizer == ("sgd" if model.startswith("resnet") else "adamw")
+    vit_config, vit_recipe = runs[("vit", 0)]
+    assert vit_config == get_preset("cifar-recipe")
+    assert (vit_recipe.batch_size, vit_recipe.lr, vit_recipe.weight_decay, vit_recipe.warmup) == (64, 1e-3, 0.1, 2.0)
+    assert runs[("hybrid", 0)][1] == vit_recipe
+    assert abs(count_flops(runs[("resnet56", 0)][0]) / count_flops(vit_config) - 1) < 0.01
+    assert runs[("resnet20", 0)][1].lr == 0.1 and runs[("resnet20", 0)][1].batch_size == 128
