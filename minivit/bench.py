@@ -28,8 +28,8 @@ function before anything is timed (check_same_function: logits in eval mode and,
 there is BatchNorm, with batch statistics too, and the running averages that updates).
 Both use float32 and the same thread count: torch.set_num_threads(N) for PyTorch,
 threadpoolctl for NumPy's BLAS (without threadpoolctl, OPENBLAS_NUM_THREADS must be set
-before Python starts). --ops switches the ViT ops (fastops.py or ops.py); a ResNet's ops
-(cnn_ops.py) have one version.
+before Python starts). --ops switches the ops (fast: fastops.py and cnn_fastops.py;
+reference: ops.py and cnn_ops.py), for the ViT's blocks and the ResNet's convolutions alike.
 
 The machine is shared and timings drift, so the two frameworks run alternately in one
 process (minivit, torch, torch, minivit, minivit, torch, ...) after a warm-up, and the
@@ -72,7 +72,7 @@ import time
 
 import numpy as np
 
-from . import cnn_ops, fastops, modules
+from . import cnn_fastops, cnn_ops, fastops, modules
 from .backend import DEVICES, check_device, synchronize, to_device, to_numpy
 from .config import HybridConfig, ViTConfig, config_from_dict, get_model_preset, list_presets, model_kind
 from .model import build_model
@@ -721,8 +721,9 @@ _LABELS = {
     "global_avg_pool_forward": "global average pool", "global_avg_pool_backward": "global average pool",
     "subsample_pad_forward": "shortcut A: subsample + pad", "subsample_pad_backward": "shortcut A: subsample + pad",
 }
-# cnn_ops' window copies: a convolution's im2col / col2im (max-pooling uses them too, and keeps its own row)
-_WINDOWS = ("im2col", "col2im", "extract_windows", "scatter_windows")
+# the window copies: a convolution's im2col / col2im (cnn_ops'; cnn_fastops' _im2col_t / _col2im_t);
+# max-pooling uses cnn_ops' too, and keeps its own row
+_WINDOWS = ("im2col", "col2im", "extract_windows", "scatter_windows", "_im2col_t", "_col2im_t")
 
 
 def _label(path):
@@ -751,8 +752,8 @@ def _label(path):
 
 @contextlib.contextmanager
 def _timed_everything(timers):
-    """Wrap every function of the active ops module, cnn_ops' ops and window copies, and the
-    modules' forward/backward."""
+    """Wrap every function of the active ops module, cnn_ops' and cnn_fastops' ops and window
+    copies, and the modules' forward/backward."""
     from . import model as model_mod
     from . import resnet
 
@@ -764,10 +765,12 @@ def _timed_everything(timers):
                 and (not name.startswith("_") or name in ("_gelu", "_blockwise"))):
             patched.append((ops_mod, name, fn))
             setattr(ops_mod, name, timers.wrap(name, fn))
-    for name, fn in list(vars(cnn_ops).items()):
-        if callable(fn) and (name.endswith(("_forward", "_backward")) or name in _WINDOWS):
-            patched.append((cnn_ops, name, fn))
-            setattr(cnn_ops, name, timers.wrap(name, fn))
+    for cnn_mod in (cnn_ops, cnn_fastops):   # the ResNet's convolution and BatchNorm follow modules.OPS
+        for name, fn in list(vars(cnn_mod).items()):
+            if (callable(fn) and getattr(fn, "__module__", None) == cnn_mod.__name__
+                    and (name.endswith(("_forward", "_backward")) or name in _WINDOWS)):
+                patched.append((cnn_mod, name, fn))
+                setattr(cnn_mod, name, timers.wrap(name, fn))
     classes = [modules.Linear, modules.LayerNorm, modules.PatchEmbed, modules.Attention, modules.Mlp,
                modules.Block, model_mod.ViT, resnet.Conv2d, resnet.BatchNorm2d, resnet.BasicBlock,
                resnet.Bottleneck, resnet.ResNet]
@@ -861,8 +864,9 @@ def run(preset="cifar-lesson", batch_size=128, threads=None, steps=10, warmup=3,
         images, labels = to_device(images, device), to_device(labels, device)
         batchnorm = any(isinstance(m, BatchNorm2d) for m in model.modules())
 
-        ops_note = {"vit": "", "hybrid": " for the transformer, cnn_ops for the backbone",
-                    "resnet": " (unused: a ResNet runs on cnn_ops, which has one version)"}[kind]
+        cnn = "cnn_fastops" if ops == "fast" else "cnn_ops"
+        ops_note = {"vit": "", "hybrid": f" for the transformer, {cnn} for the backbone",
+                    "resnet": f" ({cnn} for the convolutions and BatchNorm)"}[kind]
         where = (f"{threads} threads" if device == "cpu" else
                  f"on the GPU (CuPy; PyTorch on CUDA, TF32 off in both; {threads} host threads)")
         out(f"minivit bench: preset {preset} ({kind}), batch {batch_size}, float32, {where}, "

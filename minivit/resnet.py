@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import cnn_ops
+from . import cnn_fastops, cnn_ops
 from .backend import get_array_module, is_array, to_device, device_of
-from .modules import Linear, Module, Parameter
+from .modules import Linear, Module, Parameter, get_ops_kind
 
 BLOCKS = ("basic", "bottleneck")
 STEMS = ("cifar", "imagenet")
@@ -200,6 +200,12 @@ def state_shapes(config: ResNetConfig, buffers: bool = True) -> dict:
 
 # ============================================================================= layers
 
+def _conv_ops():
+    """The convolution and BatchNorm ops in use: cnn_fastops (the default) or, after
+    minivit.modules.set_ops("reference"), the clear cnn_ops: the ViT's switch, for the CNN too."""
+    return cnn_fastops if get_ops_kind() == "fast" else cnn_ops
+
+
 class Conv2d(Module):
     """A 2-D convolution; weight (Cout, Cin, k, k) as torch. ResNets use no bias (BN follows)."""
 
@@ -212,11 +218,12 @@ class Conv2d(Module):
 
     def forward(self, x):
         b = None if self.bias is None else self.bias.data
-        out, self._cache = cnn_ops.conv2d_forward(x, self.weight.data, b, self.stride, self.padding)
+        out, self._cache = _conv_ops().conv2d_forward(x, self.weight.data, b, self.stride, self.padding)
+        self._cache_ops = get_ops_kind()                           # backward checks the same ops read it
         return out                                                 # (B, Cout, Hout, Wout)
 
     def backward(self, dout):
-        dx, dw, db = cnn_ops.conv2d_backward(dout, self._check_cache(self._cache))
+        dx, dw, db = _conv_ops().conv2d_backward(dout, self._check_cache(self._cache))
         self._cache = None
         self.weight.accumulate(dw)
         if self.bias is not None:
@@ -244,15 +251,16 @@ class BatchNorm2d(Module):
         self._cache = None
 
     def forward(self, x):
-        out, self._cache = cnn_ops.batchnorm2d_forward(
+        out, self._cache = _conv_ops().batchnorm2d_forward(
             x, self.weight.data, self.bias.data, self.running_mean, self.running_var, self.training,
             self.momentum, self.eps)                               # updates the running stats when training
+        self._cache_ops = get_ops_kind()
         if self.training:
             self.num_batches_tracked += 1
         return out                                                 # (B, C, H, W)
 
     def backward(self, dout):
-        dx, dw, db = cnn_ops.batchnorm2d_backward(dout, self._check_cache(self._cache))
+        dx, dw, db = _conv_ops().batchnorm2d_backward(dout, self._check_cache(self._cache))
         self._cache = None
         self.weight.accumulate(dw)
         self.bias.accumulate(db)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from test_resnet import _close, randomise_buffers
 
-from minivit import cnn_ops
+from minivit import cnn_fastops, cnn_ops
 from minivit.cli import main
 from minivit.config import HYBRID_PRESETS, HybridConfig, ViTConfig, get_model_preset
 from minivit.gradcheck import TOLERANCE, check_model
@@ -141,13 +141,15 @@ def hand_flops(cfg, conv_flops):
                          ids=["tiny", "bottleneck", "cifar-hybrid"])
 def test_shapes_walk_counts_the_models_parameters_and_flops(cfg, monkeypatch):
     measured = []
-    real_conv = cnn_ops.conv2d_forward
 
-    def counting_conv(x, w, b=None, stride=1, padding=0):
-        out, cache = real_conv(x, w, b, stride, padding)
-        measured.append(2 * out[0].size * w[0].size)          # (Cout Hout Wout) x (Cin k k) multiply-adds
-        return out, cache
-    monkeypatch.setattr(cnn_ops, "conv2d_forward", counting_conv)
+    def counting(real_conv):
+        def counting_conv(x, w, b=None, stride=1, padding=0):
+            out, cache = real_conv(x, w, b, stride, padding)
+            measured.append(2 * out[0].size * w[0].size)      # (Cout Hout Wout) x (Cin k k) multiply-adds
+            return out, cache
+        return counting_conv
+    for ops in (cnn_ops, cnn_fastops):                        # whichever modules.set_ops chose
+        monkeypatch.setattr(ops, "conv2d_forward", counting(ops.conv2d_forward))
     model = HybridViT(cfg).eval()
     model(images(cfg, 1, dtype=np.float32))
     assert count_parameters(cfg) == model.num_parameters() == sum(p.data.size for p in model.parameters())
