@@ -4,6 +4,8 @@ One file holds three kinds of entries:
 
     model/<name>   every parameter, by its timm name      e.g. model/blocks.0.attn.qkv.weight
     optim/<key>    every optimiser state array             e.g. optim/exp_avg.3
+    ema/<name>     the moving average of model/<name>, when the run keeps one (--ema-decay;
+                   minivit.ema), with the shape of model/<name>
     meta.json      one JSON string (a 0-d NumPy str array): the model's kind ("vit", "hybrid",
                    "resnet"; a file without it is a ViT's) and config, the optimiser's scalars
                    (lr, step counts), the epoch, the random generators' states, the training
@@ -38,6 +40,7 @@ VERSION = 1                       # bump when the layout changes; load_checkpoin
 META_KEY = "meta.json"
 MODEL_PREFIX = "model/"
 OPTIM_PREFIX = "optim/"
+EMA_PREFIX = "ema/"
 # Keys of meta.json that save_checkpoint fills in itself; `extra` may not reuse them.
 RESERVED_META_KEYS = ("format", "version", "model", "config", "epoch", "rng", "optimizer")
 # The largest meta.json read: it holds the config, the settings and one short row of metrics per
@@ -73,7 +76,8 @@ def _to_json(value, key="meta"):
         raise ValueError(f"checkpoint {key}: {exc} (a NaN or infinite number cannot be saved)") from None
 
 
-def save_checkpoint(path, model, optimizer, epoch: int, rng_state: dict, extra: dict | None = None) -> Path:
+def save_checkpoint(path, model, optimizer, epoch: int, rng_state: dict, extra: dict | None = None,
+                    ema: dict | None = None) -> Path:
     """Write model weights, optimiser state and metadata to `path` (.npz) atomically.
 
     model      a minivit model: ViT, HybridViT or ResNet (its kind and config are saved, and its
@@ -82,6 +86,8 @@ def save_checkpoint(path, model, optimizer, epoch: int, rng_state: dict, extra: 
     epoch      the number of completed epochs
     rng_state  JSON-able random-generator states, e.g. {"data": rng.bit_generator.state}
     extra      more JSON-able metadata (training settings, metrics, ...)
+    ema        {name: array}: the moving average of the weights (minivit.ema.ModelEma.state_dict()),
+               saved as ema/<name>; load_checkpoint_ema reads it back
 
     The file is written to a temporary file in the same directory, flushed to disk, and
     only then renamed over `path`. A rename within one directory is atomic, so `path` is
@@ -111,6 +117,8 @@ def save_checkpoint(path, model, optimizer, epoch: int, rng_state: dict, extra: 
                 arrays[OPTIM_PREFIX + key] = to_numpy(value)
             else:
                 optimizer_scalars[key] = value
+    for name, value in (ema or {}).items():
+        arrays[EMA_PREFIX + name] = to_numpy(value)
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -172,7 +180,7 @@ def load_checkpoint(path) -> tuple[dict, dict | None, dict]:
     """
     path = Path(path)
     headers, meta = _headers_and_meta(path)
-    entries = _read_arrays(path, [key for key in headers if key != META_KEY])
+    entries = _read_arrays(path, [key for key in headers if key != META_KEY and not key.startswith(EMA_PREFIX)])
     state_dict, optim_arrays = {}, {}
     for key, value in entries.items():
         if value.dtype.kind == "f" and not np.isfinite(value).all():
@@ -182,12 +190,28 @@ def load_checkpoint(path) -> tuple[dict, dict | None, dict]:
                              f"diverged, or a damaged file)")
         if key.startswith(MODEL_PREFIX):
             state_dict[key[len(MODEL_PREFIX):]] = value
-        else:
+        elif key.startswith(OPTIM_PREFIX):
             optim_arrays[key[len(OPTIM_PREFIX):]] = value
     optimizer_state = None
     if meta.get("optimizer") is not None:
         optimizer_state = {**meta["optimizer"], **optim_arrays}
     return state_dict, optimizer_state, meta
+
+
+def load_checkpoint_ema(path) -> dict | None:
+    """{name: array} of the moving average of the weights a checkpoint holds (its ema/ entries,
+    checked as load_checkpoint checks the rest), or None when it holds none."""
+    path = Path(path)
+    headers, _ = _headers_and_meta(path)
+    keys = [key for key in headers if key.startswith(EMA_PREFIX)]
+    if not keys:
+        return None
+    ema = {}
+    for key, value in _read_arrays(path, keys).items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise ValueError(f"{path}: entry {key!r} holds non-finite values (NaN or infinity); refused")
+        ema[key[len(EMA_PREFIX):]] = value
+    return ema
 
 
 def checkpoint_config(meta: dict):
@@ -268,9 +292,15 @@ def _check_entries(headers: dict, meta: dict, path: Path):
         what = CONFIG_CLASSES[kind].__name__ if kind in CONFIG_CLASSES else f"config (model kind {kind!r})"
         raise ValueError(f"{path}: the config in its {META_KEY} is not a valid {what} ({exc})") from None
     model = {k[len(MODEL_PREFIX):]: h.shape for k, h in headers.items() if k.startswith(MODEL_PREFIX)}
-    others = [k for k in headers if not k.startswith((MODEL_PREFIX, OPTIM_PREFIX)) and k != META_KEY]
+    others = [k for k in headers if not k.startswith((MODEL_PREFIX, OPTIM_PREFIX, EMA_PREFIX)) and k != META_KEY]
     if others:
-        raise ValueError(f"{path}: unexpected entry {others[0]!r} (expected model/..., optim/... or {META_KEY})")
+        raise ValueError(f"{path}: unexpected entry {others[0]!r} (expected model/..., optim/..., ema/... or "
+                         f"{META_KEY})")
+    for key, header in headers.items():
+        name = key[len(EMA_PREFIX):]
+        if key.startswith(EMA_PREFIX) and (name not in model or tuple(header.shape) != tuple(model[name])):
+            raise ValueError(f"{path}: entry {key!r} of shape {header.shape} is not the average of a model entry "
+                             f"(expected ema/<name> shaped like model/<name>)")
     expected = _check_model_entries(config, model, path)                  # the parameters' shapes
     shapes, n = set(expected.values()), len(expected)
     for key, header in headers.items():

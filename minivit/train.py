@@ -17,10 +17,13 @@ checkpoints, resume, curves and eval. The preset names the architecture.
 One training step, as the loop in `train` writes it out:
 
     uint8 images (B, C, S, S) --augment--> uint8 (B, C, S, S)     random crop (pad 4 at 32 px) + horizontal flip
+      (--randaug-n, --reprob: RandAugment, random erasing; --mixup-alpha, --cutmix-alpha: the normalised
+       batch mixed and the labels made soft targets; minivit.augment)
       --normalize--> float32 (B, C, S, S)                          per channel: (x / 255 - mean) / std
       --model--> logits (B, K) --cross-entropy, label smoothing--> loss
       --backward--> every parameter's .grad --clip--> global norm <= clip_grad
       --AdamW--> new weights, at the learning rate of this step (linear warmup, then cosine to 0)
+      (--ema-decay: then the moving average of the weights is updated; minivit.ema)
                  (--optimizer sgd: SGD with momentum; --schedule step: lr / 10 at the milestones)
 
 The output directory (--out) holds:
@@ -33,6 +36,8 @@ The output directory (--out) holds:
     best.npz         the weights with the best test accuracy so far (no optimiser state)
     metrics.csv      one row per epoch
     curves.png       loss and accuracy against epoch
+    ema.npz          with --ema-decay: the moving average of the weights after the last epoch
+                     (weights only; metrics.csv then has ema_test_loss and ema_test_acc too)
 
 Reproducibility: one NumPy Generator draws the order of the images and the augmentations,
 the model's own Generator draws dropout and drop-path masks. Both states go into every
@@ -79,11 +84,14 @@ import numpy as np
 from tqdm import tqdm
 
 from . import __version__, distributed
+from .augment import (MAX_MAGNITUDE, Mixup, dominant_labels, mix_images, mix_targets, rand_augment, random_erasing,
+                      soft_target_cross_entropy_backward, soft_target_cross_entropy_forward)
 from .backend import DEVICES, check_device, to_device, to_numpy
 from .checkpoint import (DEFAULT_FILE_MODE, checkpoint_config, is_train_checkpoint, load_checkpoint,
-                         load_vit_checkpoint, read_checkpoint_meta, save_checkpoint)
+                         load_checkpoint_ema, load_vit_checkpoint, read_checkpoint_meta, save_checkpoint)
 from .config import list_presets, model_kind
 from .data import CIFAR10_MEAN, CIFAR10_STD, augment, find_cifar10, load_cifar10, normalize, resize_images
+from .ema import ModelEma
 from .model import ViT, build_model
 from .ops import cross_entropy_backward, cross_entropy_forward
 from .optim import SGD, AdamW, clip_grad_norm, param_groups, warmup_cosine, warmup_step
@@ -133,6 +141,16 @@ class Recipe:
     schedule: str = "cosine"          # after warmup: "cosine" decay to 0, or "step": lr / 10 at each milestone
     milestones: tuple = (0.5, 0.75)   # "step": where the lr is divided by 10, as fractions of the run's steps
                                       # (He et al.: at 32k and 48k of 64k iterations)
+    # Stronger augmentation and weight averaging (minivit.augment, minivit.ema); all off by default.
+    randaug_n: int = 0                # RandAugment: ops per image (0: off), after the crop and flip
+    randaug_m: float = 9.0            # RandAugment: their magnitude, 0..10
+    reprob: float = 0.0               # random erasing: probability that an image gets a box of mean colour
+    mixup_alpha: float = 0.0          # mixup: lambda ~ Beta(alpha, alpha) per batch (0: off)
+    cutmix_alpha: float = 0.0         # cutmix: the same for the pasted box's share (0: off)
+    mix_prob: float = 1.0             # chance that a batch is mixed at all (with mixup or cutmix on)
+    switch_prob: float = 0.5          # with both on: chance that a mixed batch uses cutmix rather than mixup
+    ema_decay: float = 0.0            # EMA of the weights: decay per step, e.g. 0.999 (0: off)
+    ema_warmup: bool = False          # EMA: timm ModelEmaV3's warmup, decay min(ema_decay, 1 - (1 + t) ** -2/3)
 
     def __post_init__(self):
         # Messages name the command-line option, since that is where a bad value comes from.
@@ -170,6 +188,25 @@ class Recipe:
         if any(not 0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(set(self.milestones)):
             raise ValueError(f"--milestones must be increasing fractions of the run between 0 and 1 (exclusive), "
                              f"e.g. 0.5,0.75, got {','.join(map(str, self.milestones))}")
+        _check_int("randaug_n", self.randaug_n, low=0)
+        for name, high in (("randaug_m", MAX_MAGNITUDE), ("reprob", 1), ("mix_prob", 1), ("switch_prob", 1)):
+            _check_real(name, getattr(self, name), low=0.0)
+            if getattr(self, name) > high:
+                raise ValueError(f"{_option(name)} must be in [0, {high}], got {getattr(self, name)!r}")
+        _check_real("mixup_alpha", self.mixup_alpha, low=0.0)
+        _check_real("cutmix_alpha", self.cutmix_alpha, low=0.0)
+        _check_real("ema_decay", self.ema_decay, low=0.0)
+        if self.ema_decay >= 1:
+            raise ValueError(f"--ema-decay must be in [0, 1) (0: off; e.g. 0.999), got {self.ema_decay!r}")
+        if not isinstance(self.ema_warmup, bool):
+            raise TypeError(f"--ema-warmup must be True or False, got {self.ema_warmup!r}")
+        if self.ema_warmup and self.ema_decay == 0:
+            raise ValueError("--ema-warmup needs an --ema-decay above 0 (the EMA is off)")
+
+    @property
+    def mixup(self) -> Mixup:
+        """The batch mixing of this recipe (Mixup.enabled is False unless an alpha is above 0)."""
+        return Mixup(self.mixup_alpha, self.cutmix_alpha, self.mix_prob, self.switch_prob, self.label_smoothing)
 
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **changes)
@@ -184,7 +221,14 @@ RECIPE = Recipe()                      # the defaults of `minivit train`
 # Recipe fields added after checkpoints were first written, with the value that a checkpoint
 # without them was trained with: such a run resumes (and evaluates) as it was started.
 RECIPE_FIELDS_ADDED = {"image_size": None, "optimizer": "adamw", "momentum": 0.9, "nesterov": False,
-                       "schedule": "cosine", "milestones": (0.5, 0.75)}
+                       "schedule": "cosine", "milestones": (0.5, 0.75), "randaug_n": 0, "randaug_m": 9.0,
+                       "reprob": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "mix_prob": 1.0, "switch_prob": 0.5,
+                       "ema_decay": 0.0, "ema_warmup": False}
+# Options that only mean something beside another one: given without it, they are refused.
+NEEDS = {"randaug_m": ("randaug_n", "--randaug-n N above 0 (RandAugment is off)"),
+         "mix_prob": ("mixup_alpha|cutmix_alpha", "--mixup-alpha or --cutmix-alpha above 0 (mixing is off)"),
+         "switch_prob": ("mixup_alpha&cutmix_alpha", "both --mixup-alpha and --cutmix-alpha above 0 (it chooses "
+                                                     "between them)")}
 # `--optimizer sgd` without --lr / --weight-decay / --clip-grad: He et al.'s CIFAR values (§4.2),
 # not AdamW's (an lr of 1e-3 barely moves SGD, 0.1 of L2 decay would swamp the gradient, and the
 # paper does not clip).
@@ -196,8 +240,10 @@ CHECKPOINT = "checkpoint.npz"          # file names inside the output directory
 BEST = "best.npz"
 METRICS = "metrics.csv"
 CURVES = "curves.png"
+EMA = "ema.npz"                        # with --ema-decay: the moving average's weights after the last epoch
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
                   "epoch_seconds", "images_per_second")
+EMA_COLUMNS = ("ema_test_loss", "ema_test_acc")   # after these, with --ema-decay: the EMA weights' test
 
 
 class NonFiniteLossError(RuntimeError):
@@ -378,6 +424,18 @@ def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, d
     if resume:
         optimizer.load_state_dict(optim_state)
     params = model.parameters()
+    # The moving average of the weights (--ema-decay), built after the optimiser packed the
+    # parameters into flat buffers, so that its update is one pass over each.
+    ema = ModelEma(model, recipe.ema_decay, recipe.ema_warmup) if recipe.ema_decay > 0 else None
+    if ema is not None and resume:
+        saved_ema = load_checkpoint_ema(checkpoint_path)
+        if saved_ema is None:
+            raise ValueError(f"cannot resume {checkpoint_path}: the run keeps an EMA of its weights "
+                             f"(--ema-decay {recipe.ema_decay}), but the checkpoint holds none")
+        ema.load_state_dict(saved_ema)
+    mixup = recipe.mixup                         # mixup / cutmix of each batch, when an alpha is above 0
+    num_classes = config.num_classes
+    fill = tuple(255 * m for m in mean)          # RandAugment and erasing paint the mean colour: 0 once normalised
     best_acc = max((row["test_acc"] for row in history), default=-1.0)
 
     def save(path, epoch, progress=None, with_optimizer=True):
@@ -387,7 +445,13 @@ def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, d
                  "data": {"train_images": n_train, "test_images": n_test, "fingerprint": fingerprint},
                  "normalize": {"mean": mean, "std": std}, "run": run_info or {},
                  "ranks": comm.size, "minivit_version": __version__}
-        save_checkpoint(path, model, optimizer if with_optimizer else None, epoch, rng_state, extra)
+        save_checkpoint(path, model, optimizer if with_optimizer else None, epoch, rng_state, extra,
+                        ema=ema.state_dict() if ema is not None and with_optimizer else None)
+
+    def save_ema(epoch):
+        """ema.npz: the averaged weights as a weights-only checkpoint (`minivit eval ema.npz`)."""
+        with ema.applied_to(model):
+            save(out_dir / EMA, epoch, with_optimizer=False)
 
     # ---- print the resolved settings (only rank 0's prints are shown)
     preset = (run_info or {}).get("preset")
@@ -402,6 +466,20 @@ def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, d
     print(f"  data    {n_train} training and {n_test} test images of {'x'.join(map(str, train_images.shape[1:]))}"
           f"{resized}; {steps_per_epoch} steps per epoch, {total_steps} steps, {warmup_steps} of warmup; "
           f"random crop padding {padding}")
+    stronger = []                                # the options of minivit.augment and minivit.ema that are on
+    if recipe.randaug_n > 0:
+        stronger.append(f"RandAugment {recipe.randaug_n} ops at magnitude {recipe.randaug_m:g}")
+    if recipe.reprob > 0:
+        stronger.append(f"random erasing p {recipe.reprob:g}")
+    if mixup.enabled:
+        kinds = [f"{kind} alpha {alpha:g}" for kind, alpha in (("mixup", recipe.mixup_alpha),
+                                                                ("cutmix", recipe.cutmix_alpha)) if alpha > 0]
+        both = f", switch prob {recipe.switch_prob:g}" if len(kinds) == 2 else ""
+        stronger.append(f"{' or '.join(kinds)} (mix prob {recipe.mix_prob:g}{both})")
+    if ema is not None:
+        stronger.append(f"EMA of the weights, decay {recipe.ema_decay:g}{' with warmup' * recipe.ema_warmup}")
+    if stronger:
+        print("  extra   " + "; ".join(stronger))
     if comm.size > 1:
         per_rank = f"{B // comm.size}" if B % comm.size == 0 else f"{B // comm.size}-{B // comm.size + 1}"
         print(f"  ranks   {comm.size} processes (MPI), data parallel: {per_rank} of the {B} images of each "
@@ -414,6 +492,8 @@ def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, d
         # a save was killed between the files, so it is made right before anything else.
         _repair_outputs(out_dir, history, start_epoch, progress, recipe.label_smoothing,
                         lambda: save(best_path, start_epoch, with_optimizer=False))
+        if ema is not None and history and progress is None:
+            save_ema(start_epoch)                # a kill may have left it an epoch behind the checkpoint
     if start_epoch >= recipe.epochs:
         print(f"the run is already complete ({start_epoch}/{recipe.epochs} epochs); nothing to do")
         return TrainResult("already finished", start_epoch, history, out_dir)
@@ -452,18 +532,39 @@ def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, d
                     global_step = epoch * steps_per_epoch + step
                     index = order[step * B:(step + 1) * B]                         # (B,), fewer at the end
                     images = augment(train_images[index], data_rng, padding)       # uint8 (B, C, S, S)
+                    if recipe.randaug_n > 0:
+                        images = rand_augment(images, data_rng, recipe.randaug_n, recipe.randaug_m, fill)
+                    if recipe.reprob > 0:
+                        images = random_erasing(images, data_rng, recipe.reprob, fill)  # uint8 (B, C, S, S)
                     # With K ranks each keeps its shard of the batch (lo:hi, b = hi - lo images),
                     # after the whole batch was augmented as one process would; K = 1 keeps all.
                     lo, hi = comm.shard(len(index))
                     x = normalize(to_device(images[lo:hi], device), mean, std, dtype)   # (b, C, S, S)
                     y = to_device(train_labels[index[lo:hi]], device)                   # (b,)
+                    if mixup.enabled:
+                        # One mixing for the whole batch (the same draw on every rank); each rank
+                        # mixes its shard with the partners' normalised images. Accuracy counts
+                        # the label that weighs more in each mixed image.
+                        mix = mixup.draw(data_rng, len(index), *images.shape[2:])
+                        if mix.perm is not None:
+                            partner = normalize(to_device(images[mix.perm[lo:hi]], device), mean, std, dtype)
+                            x = mix_images(x, partner, mix)                            # (b, C, S, S)
+                        labels = train_labels[index]                                   # (B,)
+                        target = to_device(mix_targets(labels, num_classes, mix, recipe.label_smoothing)[lo:hi],
+                                           device).astype(dtype)                       # (b, K)
+                        y = to_device(dominant_labels(labels, mix)[lo:hi], device)     # (b,)
                     lr = optimizer.lr = learning_rate(recipe, global_step, total_steps, warmup_steps)
 
                     comm.seed_dropout(model, recipe.seed, global_step)             # K > 1: masks per rank
                     logits = model(x)                                              # (b, K)
-                    loss, loss_cache = cross_entropy_forward(logits, y, recipe.label_smoothing)
+                    if mixup.enabled:
+                        loss, loss_cache = soft_target_cross_entropy_forward(logits, target)
+                        dlogits = soft_target_cross_entropy_backward(loss_cache)       # (b, K)
+                    else:
+                        loss, loss_cache = cross_entropy_forward(logits, y, recipe.label_smoothing)
+                        dlogits = cross_entropy_backward(loss_cache)                   # (b, K)
                     model.zero_grad()
-                    model.backward(cross_entropy_backward(loss_cache))             # fills every p.grad
+                    model.backward(dlogits)                                        # fills every p.grad
                     # The gradient of the whole batch's mean loss: the shards' gradients weighted by
                     # their share of the batch, summed over ranks (one all-reduce; nothing with K = 1).
                     # (BatchNorm's batch statistics stay per rank, over its shard: see the docstring.)
@@ -474,6 +575,8 @@ def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, d
                         # (on the device: the norm is read with the loss, below).
                         grad_norm = clip_grad_norm(params, recipe.clip_grad, sync=False)
                     optimizer.step()
+                    if ema is not None:
+                        ema.update(model, global_step + 1)    # the run's optimiser steps so far, from 1
                     # The loss, the correct count and the norm stay where they were computed (on a
                     # GPU, reading one makes the host wait for the whole step) until read_every
                     # steps have gathered, a line is logged, the epoch ends or a signal stops the
@@ -524,6 +627,15 @@ def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, d
                 row = {"epoch": epoch + 1, "lr": lr, "train_loss": tally.loss_sum / tally.seen,
                        "train_acc": tally.correct / tally.seen, "test_loss": test_loss, "test_acc": test_acc,
                        "epoch_seconds": epoch_seconds, "images_per_second": tally.seen / train_seconds}
+                ema_note = ""
+                if ema is not None:
+                    # The averaged weights on the same test images (their test time is not in epoch_seconds).
+                    with ema.applied_to(model):
+                        ema_loss, ema_acc = evaluate(model, test_images[lo:hi], test_labels[lo:hi], B, mean, std,
+                                                     device)
+                    ema_loss, ema_acc = comm.sum([ema_loss * ((hi - lo) / n_test), ema_acc * ((hi - lo) / n_test)])
+                    row.update(ema_test_loss=ema_loss, ema_test_acc=ema_acc)
+                    ema_note = f" | ema test loss {ema_loss:.4f} acc {ema_acc:.4f}"
                 history.append(row)
                 # The checkpoint first: it is the record of the run; metrics.csv and curves.png
                 # are redrawn from its history, so they never get ahead of it. Rank 0 alone
@@ -532,6 +644,8 @@ def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, d
                     save(checkpoint_path, epoch + 1)
                     if test_acc > best_acc:
                         save(best_path, epoch + 1, with_optimizer=False)
+                    if ema is not None:
+                        save_ema(epoch + 1)
                     write_metrics_csv(out_dir / METRICS, history)
                     plot_curves(out_dir / CURVES, history, recipe.label_smoothing)
                 comm.barrier()
@@ -539,7 +653,7 @@ def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, d
                 best_acc = max(best_acc, test_acc)
                 print(f"epoch {epoch + 1}/{recipe.epochs} | "
                       f"train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f} | "
-                      f"test loss {test_loss:.4f} acc {test_acc:.4f} | "
+                      f"test loss {test_loss:.4f} acc {test_acc:.4f}{ema_note} | "
                       f"{epoch_seconds:.1f} s, {row['images_per_second']:.1f} img/s | lr {lr:.3g}")
                 stop_signal = comm.max(stop.requested or 0)     # as after each step: all ranks agree
                 if stop_signal:
@@ -778,7 +892,7 @@ def _check_new_out_dir(out_dir: Path):
 # named by tempfile.mkstemp: "." + the file's name + "." + 8 random characters + ".tmp", then
 # rename it over the file. A save killed before the rename leaves that temporary file behind.
 _STALE_TEMP = re.compile(r"\.(?:%s)\.[a-z0-9_]{8}\.tmp"
-                         % "|".join(map(re.escape, (CHECKPOINT, BEST, METRICS, CURVES))))
+                         % "|".join(map(re.escape, (CHECKPOINT, BEST, METRICS, CURVES, EMA))))
 
 
 def _remove_stale_temp_files(out_dir: Path) -> list[str]:
@@ -911,10 +1025,11 @@ def _repair_outputs(out_dir: Path, history, epoch, progress, label_smoothing, sa
 def write_metrics_csv(path, history):
     """metrics.csv, one row per epoch, rewritten whole from the history each time."""
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+    columns = METRIC_COLUMNS + (EMA_COLUMNS if history and all(k in history[0] for k in EMA_COLUMNS) else ())
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     for row in history:
-        writer.writerow({k: row[k] for k in METRIC_COLUMNS})
+        writer.writerow({k: row[k] for k in columns})
     _write_atomically(path, text.getvalue().encode())
 
 
@@ -938,6 +1053,9 @@ def plot_curves(path, history, label_smoothing=0.0):
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     acc_ax.plot(epochs, [r["train_acc"] for r in history], "o-", label="train (augmented)")
     acc_ax.plot(epochs, [r["test_acc"] for r in history], "o-", label="test")
+    if history and "ema_test_acc" in history[0]:
+        loss_ax.plot(epochs, [r["ema_test_loss"] for r in history], "o--", label="test, EMA weights")
+        acc_ax.plot(epochs, [r["ema_test_acc"] for r in history], "o--", label="test, EMA weights")
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
     for ax in (loss_ax, acc_ax):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # epochs are whole numbers
@@ -1008,6 +1126,31 @@ def register(subparsers):
     p.add_argument("--milestones", metavar="F,F",
                    help=f"with --schedule step: fractions of the run where the lr is divided by 10 "
                         f"(default {','.join(map(str, r.milestones))}, He et al.'s 32k and 48k of 64k iterations)")
+    p.add_argument("--randaug-n", type=int, metavar="N",
+                   help=f"RandAugment (minivit.augment): N ops per image after the crop and flip, drawn from 14 "
+                        f"(Cubuk et al. 2020) (default {r.randaug_n}: off)")
+    p.add_argument("--randaug-m", type=float, metavar="M",
+                   help=f"RandAugment's magnitude, 0..{MAX_MAGNITUDE} (default {r.randaug_m:g})")
+    p.add_argument("--reprob", type=float, metavar="P",
+                   help=f"random erasing: probability that an image gets one box of its mean colour (timm's "
+                        f"--reprob) (default {r.reprob:g}: off)")
+    p.add_argument("--mixup-alpha", type=float, metavar="A",
+                   help=f"mixup: blend each batch with a permutation of itself, lambda ~ Beta(A, A); the labels are "
+                        f"blended alike (default {r.mixup_alpha:g}: off)")
+    p.add_argument("--cutmix-alpha", type=float, metavar="A",
+                   help=f"cutmix: paste a box of another image of the batch, lambda ~ Beta(A, A) the share kept "
+                        f"(default {r.cutmix_alpha:g}: off)")
+    p.add_argument("--mix-prob", type=float, metavar="P",
+                   help=f"with mixup or cutmix: probability that a batch is mixed (default {r.mix_prob:g})")
+    p.add_argument("--switch-prob", type=float, metavar="P",
+                   help=f"with both mixup and cutmix: probability that a mixed batch uses cutmix "
+                        f"(default {r.switch_prob:g})")
+    p.add_argument("--ema-decay", type=float, metavar="D",
+                   help=f"keep an exponential moving average of the weights, decay D per step (e.g. 0.999); "
+                        f"tested each epoch beside the weights, saved as ema.npz (default {r.ema_decay:g}: off)")
+    p.add_argument("--ema-warmup", action="store_true", default=None,
+                   help="with --ema-decay: timm ModelEmaV3's warmup of the decay, min(D, 1 - (1 + t) ** -2/3) "
+                        "at step t")
     p.add_argument("--seed", type=int, metavar="N", help=f"random seed (default {r.seed})")
     p.add_argument("--limit-train", type=int, metavar="N", help="train on the first N training images only")
     p.add_argument("--limit-test", type=int, metavar="N", help="test on the first N test images only")
@@ -1152,14 +1295,21 @@ def _run_train_on_rank(args, comm) -> int:
 
 
 def _check_optimizer_options(given: dict):
-    """Options that only mean something with another --optimizer or --schedule are refused,
-    not silently ignored."""
+    """Options that only mean something with another --optimizer or --schedule, or beside an
+    option that is off (NEEDS), are refused, not silently ignored."""
     optimizer, schedule = given.get("optimizer", RECIPE.optimizer), given.get("schedule", RECIPE.schedule)
     for name in ("momentum", "nesterov"):
         if name in given and optimizer != "sgd":
             raise ValueError(f"{_option(name)} applies to --optimizer sgd only (the optimizer is {optimizer})")
     if "milestones" in given and schedule != "step":
         raise ValueError(f"--milestones applies to --schedule step only (the schedule is {schedule})")
+    for name, (needed, what) in NEEDS.items():
+        if name not in given:
+            continue
+        values = [given.get(n, getattr(RECIPE, n)) for n in re.split(r"[|&]", needed)]
+        on = all(v > 0 for v in values) if "&" in needed else any(v > 0 for v in values)
+        if not on:
+            raise ValueError(f"{_option(name)} applies with {what}")
 
 
 def _load_init(path, num_classes, img_size, seed, pos_resample):
