@@ -63,13 +63,12 @@ Shape legend:
 from __future__ import annotations
 
 import math
-import numbers
 import threading
 
 import numpy as np
 
 from .backend import get_array_module
-from .cnn_ops import _check_images, _check_window
+from .cnn_ops import _check_batchnorm, _check_images, _check_window
 from . import fastops
 from .fastops import _blockwise
 
@@ -325,26 +324,6 @@ def _channel_sums(a3):
     xp = get_array_module(a3)
     ones = xp.ones(a3.shape[2], dtype=a3.dtype)                          # (HW,)
     return (a3 @ ones).sum(axis=0)                                       # (B, C) -> (C,)
-
-
-def _check_batchnorm(x, weight, bias, running_mean, running_var, training, momentum, eps):
-    """cnn_ops.batchnorm2d_forward's argument checks, with its messages."""
-    _check_images("batchnorm2d: x", x)
-    C = x.shape[1]
-    for name, a in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        if tuple(getattr(a, "shape", ())) != (C,):
-            raise ValueError(f"batchnorm2d: {name} must have shape ({C},) for {C} channels, "
-                             f"got {getattr(a, 'shape', type(a).__name__)}")
-    if not isinstance(training, bool):
-        raise TypeError(f"batchnorm2d: training must be True or False, got {training!r}")
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"batchnorm2d: momentum must be a number in [0, 1], got {momentum!r}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
-        raise ValueError(f"batchnorm2d: eps must be a number > 0, got {eps!r}")
-    M = x.shape[0] * x.shape[2] * x.shape[3]
-    if training and M < 2:
-        raise ValueError(f"batchnorm2d: training needs more than 1 value per channel (B*H*W = {M}), "
-                         f"got input shape {tuple(x.shape)}: there is no variance to normalise by")
 
 
 def batchnorm2d_forward(x, weight, bias, running_mean, running_var, training, momentum=0.1, eps=1e-5):

@@ -167,6 +167,26 @@ def conv2d_backward(dout, cache):
 
 # ----------------------------------------------------------------------------- batch normalisation
 
+def _check_batchnorm(x, weight, bias, running_mean, running_var, training, momentum, eps):
+    """batchnorm2d_forward's argument checks (cnn_fastops' twin shares them, messages and all)."""
+    _check_images("batchnorm2d: x", x)
+    C = x.shape[1]
+    for name, a in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if tuple(getattr(a, "shape", ())) != (C,):
+            raise ValueError(f"batchnorm2d: {name} must have shape ({C},) for {C} channels, "
+                             f"got {getattr(a, 'shape', type(a).__name__)}")
+    if not isinstance(training, bool):
+        raise TypeError(f"batchnorm2d: training must be True or False, got {training!r}")
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"batchnorm2d: momentum must be a number in [0, 1], got {momentum!r}")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
+        raise ValueError(f"batchnorm2d: eps must be a number > 0, got {eps!r}")
+    M = x.shape[0] * x.shape[2] * x.shape[3]
+    if training and M < 2:
+        raise ValueError(f"batchnorm2d: training needs more than 1 value per channel (B*H*W = {M}), "
+                         f"got input shape {tuple(x.shape)}: there is no variance to normalise by")
+
+
 def batchnorm2d_forward(x, weight, bias, running_mean, running_var, training, momentum=0.1, eps=1e-5):
     """Batch normalisation over (B, H, W) for each channel, as torch.nn.BatchNorm2d.
 
@@ -185,24 +205,10 @@ def batchnorm2d_forward(x, weight, bias, running_mean, running_var, training, mo
                 a fixed affine map of x, the same for every image; nothing is updated.
     """
     xp = get_array_module(x)
-    _check_images("batchnorm2d: x", x)
-    C = x.shape[1]
-    for name, a in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
-        if tuple(getattr(a, "shape", ())) != (C,):
-            raise ValueError(f"batchnorm2d: {name} must have shape ({C},) for {C} channels, "
-                             f"got {getattr(a, 'shape', type(a).__name__)}")
-    if not isinstance(training, bool):
-        raise TypeError(f"batchnorm2d: training must be True or False, got {training!r}")
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"batchnorm2d: momentum must be a number in [0, 1], got {momentum!r}")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
-        raise ValueError(f"batchnorm2d: eps must be a number > 0, got {eps!r}")
+    _check_batchnorm(x, weight, bias, running_mean, running_var, training, momentum, eps)
     w4, b4 = weight[None, :, None, None], bias[None, :, None, None]     # (1, C, 1, 1), broadcast
     if training:
         M = x.shape[0] * x.shape[2] * x.shape[3]
-        if M < 2:
-            raise ValueError(f"batchnorm2d: training needs more than 1 value per channel (B*H*W = {M}), "
-                             f"got input shape {tuple(x.shape)}: there is no variance to normalise by")
         mean = x.mean(axis=(0, 2, 3))                                    # (C,)
         xc = x - mean[None, :, None, None]                               # (B, C, H, W), centred
         var = (xc * xc).mean(axis=(0, 2, 3))                             # (C,), biased: divides by M

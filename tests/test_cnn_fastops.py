@@ -12,15 +12,13 @@ import numpy as np
 import pytest
 
 from minivit import cnn_fastops, cnn_ops, fastops, modules
-from minivit.backend import device_of, to_numpy
+from minivit.backend import to_numpy
 from minivit.gradcheck import TOLERANCE, check_op
 from minivit.resnet import ResNet, ResNetConfig
 
-# float64: the same arithmetic in another order. float32: rounding of sums over B*H*W values.
-# `scaled` is relative to the largest entry of the reference.
-TOL = {np.float64: dict(rtol=1e-10, atol=1e-12, scaled=1e-12),
-       np.float32: dict(rtol=1e-4, atol=1e-6, scaled=1e-5)}
-DTYPES = [np.float64, np.float32]
+# The ViT fastops tests' tolerances and comparison (float64: the same arithmetic in another
+# order; float32: rounding of sums over B*H*W values; `scaled` is relative to the largest entry).
+from test_fastops import DTYPES, TOL, assert_same  # noqa: E402,F401
 
 # (x shape, w shape, stride, padding): every path of cnn_fastops (the "shifted" columns of
 # stride 1, the strided "taps", the 1x1 "pixels") on shapes where a transposed or misplaced
@@ -74,24 +72,6 @@ def columns(request, monkeypatch):
     picks by the share of wasted grid positions; the tests force each."""
     monkeypatch.setattr(cnn_fastops, "_SHIFTED_WASTE", 0.0 if request.param == "taps" else float("inf"))
     return request.param
-
-
-def assert_same(fast, ref, dtype, what):
-    """Output / gradient tuples agree (None where the reference has None), same device and dtype."""
-    fast = fast if isinstance(fast, tuple) else (fast,)
-    ref = ref if isinstance(ref, tuple) else (ref,)
-    assert len(fast) == len(ref), what
-    for i, (a, b) in enumerate(zip(fast, ref)):
-        if b is None:
-            assert a is None, f"{what}[{i}]: expected None"
-            continue
-        assert device_of(a) == device_of(b), f"{what}[{i}]: on the {device_of(a)}, the reference on the {device_of(b)}"
-        a, b = to_numpy(a), to_numpy(b)
-        assert a.shape == b.shape, f"{what}[{i}]: shape {a.shape} != {b.shape}"
-        assert a.dtype == b.dtype == dtype, f"{what}[{i}]: dtype {a.dtype} / {b.dtype}, expected {dtype}"
-        tol = TOL[dtype]
-        atol = tol["atol"] + tol["scaled"] * float(np.abs(b).max(initial=0.0))
-        np.testing.assert_allclose(a, b, rtol=tol["rtol"], atol=atol, err_msg=f"{what}[{i}]")
 
 
 def compare(name, inputs, dtype, backend, seed=0):
