@@ -6,6 +6,7 @@
     python -m minivit.experiments data_scale_cnn --runs DIR --only model=resnet20   # some variants only
     python -m minivit.experiments pool_lr --runs DIR --csv-only        # rewrite its CSV from finished runs
     python -m minivit.experiments all --report                         # tables (Markdown) and figures
+    mpiexec -n 2 python -m minivit.experiments cnn_vs_vit --runs DIR   # each run data parallel on 2 ranks
 
 Each run is an ordinary `minivit.train` run in RUNS/<run name>. The name says what differs from
 the base run, so a run two experiments share (the base itself) is trained once. The command can
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import distributed
 from .config import ViTConfig, get_model_preset
 from .data import CIFAR10_MEAN, CIFAR10_STD
 from .shapes import count_flops, count_parameters
@@ -253,12 +255,18 @@ def state(run: Run, runs_dir: Path) -> str:
 def execute(run: Run, data, runs_dir: Path, log_every: int = 0):
     """Train the run, or continue it; returns train()'s TrainResult, or None when it is already
     finished or another live process is training it (two commands may share a runs directory:
-    say one on each core; a lock file with the owner's process id keeps them apart)."""
+    say one on each core; a lock file with the owner's process id keeps them apart).
+
+    Under MPI (`mpiexec -n K python -m minivit.experiments ...`) the K ranks train each run
+    together, data parallel (minivit.distributed): rank 0 takes the lock for all of them and
+    every rank follows its answer, so they skip or train the same runs."""
+    comm = distributed.init()
     if state(run, runs_dir) == "finished":
         return None
     runs_dir.mkdir(parents=True, exist_ok=True)
     lock = runs_dir / f"{run.name}.lock"
-    if not _take_lock(lock):
+    took = _take_lock(lock) if comm.rank == 0 else True
+    if comm.max(int(not took)):                      # rank 0's answer, on every rank
         print(f"    {run.name}: being trained by process {lock.read_text().strip()}; skipped", flush=True)
         return None
     try:
@@ -280,10 +288,12 @@ def execute(run: Run, data, runs_dir: Path, log_every: int = 0):
                 raise RuntimeError(f"{run.name}: the resampled model {model.config} is not the run's {config}")
             init_state, mean, std = model.state_dict(), loaded["mean"], loaded["std"]
             info.update(init=str(runs_dir / source.name / CHECKPOINT), pos_resample=mode)
-        return train(config, data, recipe, runs_dir / run.name, resume=state(run, runs_dir) == "started",
+        resume = comm.max(int(state(run, runs_dir) == "started")) == 1     # decided together, before train writes
+        return train(config, data, recipe, runs_dir / run.name, resume=resume,
                      init_state=init_state, mean=mean, std=std, log_every=log_every, run_info=info)
     finally:
-        lock.unlink(missing_ok=True)
+        if comm.rank == 0:
+            lock.unlink(missing_ok=True)
 
 
 def _take_lock(lock: Path) -> bool:
@@ -519,6 +529,18 @@ def main(argv=None) -> int:
         return 0
     if runs_dir is None:
         parser.error("--runs DIR is needed to run or to write CSVs")
+    comm = distributed.init()
+    if comm.size > 1:
+        with comm.only_rank0_prints():                 # K ranks, one report: rank 0's
+            return _run_all(args, plan, selected, runs_dir, comm)
+    return _run_all(args, plan, selected, runs_dir, comm)
+
+
+def _run_all(args, plan, selected, runs_dir, comm):
+    """Train the selected runs in order (each with all ranks), rewriting each experiment's CSV."""
+    def csv_of(name, runs):
+        return write_csv(name, runs, runs_dir, Path(args.results)) if comm.rank == 0 else None
+
     if not args.csv_only:
         from .data import find_cifar10, load_cifar10
         data = load_cifar10(find_cifar10(args.data))
@@ -528,14 +550,14 @@ def main(argv=None) -> int:
                 started = time.monotonic()
                 result = execute(run, data, runs_dir, args.log_every)
                 if result is not None and result.status == "interrupted":
-                    write_csv(name, plan[name], runs_dir, Path(args.results))
+                    csv_of(name, plan[name])
                     return result.exit_code
                 if result is not None:
                     print(f"    {result.history[-1]['test_acc']:.4f} test accuracy, "
                           f"{time.monotonic() - started:.0f} s", flush=True)
-                write_csv(name, plan[name], runs_dir, Path(args.results))
+                csv_of(name, plan[name])
     for name, runs in plan.items():
-        path = write_csv(name, runs, runs_dir, Path(args.results))
+        path = csv_of(name, runs)
         print(f"{name}: {path or 'no finished runs yet'}")
     return 0
 

@@ -263,6 +263,28 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks(launcher, tmp_path, monke
     assert_close_runs(tmp_path / "one", tmp_path / "run", rtol=1e-10)
 
 
+def test_an_experiment_under_mpiexec_trains_each_run_with_both_ranks(launcher, tmp_path):
+    """`mpiexec -n 2 python -m minivit.experiments ...`: rank 0 takes a run's lock for both ranks,
+    both train it together (the checkpoint says 2 ranks; the same weights on both) and the lock
+    is gone after; a run whose lock a live process holds is skipped by both ranks alike (a rank
+    that went ahead alone would hang in the first all-reduce, and the launch would time out)."""
+    from minivit import experiments as ex
+    runs_dir = tmp_path / "runs"
+    runs_dir.mkdir()
+    locked = ex.Run("tiny", {"seed": 4}, CONFIG.to_dict(), {**RECIPE.to_dict(), "seed": 4})
+    (runs_dir / f"{locked.name}.lock").write_text(str(os.getpid()))        # this live test process holds it
+    code, out, err = launch(launcher, {"mode": "experiment", "out": str(runs_dir)})
+    assert code == 0, err
+    reports = rank_reports(runs_dir)
+    assert reports[0] == reports[1]                                  # same statuses, same final weights
+    assert reports[0]["statuses"] == ["finished", None]
+    free_name = reports[0]["names"][0]
+    state, optim_state, meta = load_checkpoint(runs_dir / free_name / "checkpoint.npz")
+    assert meta["ranks"] == 2 and len(meta["metrics"]) == RECIPE.epochs
+    assert not (runs_dir / f"{free_name}.lock").exists()              # released by rank 0
+    assert (runs_dir / f"{locked.name}.lock").exists() and not (runs_dir / locked.name).exists()
+
+
 def test_too_many_ranks_for_the_last_batch_is_refused_by_rank_0(launcher, tmp_path):
     """Every rank needs at least one image of every batch: 40 images in batches of 13 leave 1 at the end."""
     out = tmp_path / "run"
@@ -346,6 +368,8 @@ def _rank_main(spec):
                     time.sleep(0.3)
             return super().forward(x)
     train_mod.ViT = Scripted
+    if spec["mode"] == "experiment":
+        _experiment_main(spec, comm, models)
     if spec["mode"] == "train":
         result = train(CONFIG, synthetic_data(), RECIPE, out, resume=spec.get("resume", False), dtype=np.float64)
         status, code = result.status, result.exit_code
@@ -364,6 +388,25 @@ def _rank_main(spec):
     out.mkdir(parents=True, exist_ok=True)
     (out / f"rank{comm.rank}.json").write_text(json.dumps(report))
     sys.exit(code)
+
+
+def _experiment_main(spec, comm, models):
+    """minivit.experiments.execute on every rank: the run that is free trained by both ranks
+    together, the one whose lock a live process holds skipped by both."""
+    from minivit import experiments as ex
+    runs_dir = Path(spec["out"])
+    free, locked = (ex.Run("tiny", {"seed": seed}, CONFIG.to_dict(), {**RECIPE.to_dict(), "seed": seed})
+                    for seed in (3, 4))
+    statuses = []
+    for run in (free, locked):
+        result = ex.execute(run, synthetic_data(), runs_dir)
+        statuses.append(None if result is None else result.status)
+    digest = hashlib.sha256()
+    for name, value in models[-1].state_dict().items():
+        digest.update(name.encode() + np.ascontiguousarray(value).tobytes())
+    report = {"statuses": statuses, "digest": digest.hexdigest(), "names": [free.name, locked.name]}
+    (runs_dir / f"rank{comm.rank}.json").write_text(json.dumps(report))
+    sys.exit(0)
 
 
 if __name__ == "__main__":
