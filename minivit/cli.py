@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "minivit.bench",
     "minivit.gradcheck",
     "minivit.analysis",
+    "minivit.compare",
 ]
 
 
