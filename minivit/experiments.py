@@ -232,7 +232,7 @@ def cnn_vs_vit(seeds=SEEDS):
     the ViT recipe itself (cifar-recipe, 1.79M, 251 MFLOPs). The ResNets train with He et al.'s SGD
     (momentum 0.9, lr 0.1, batch 128, weight decay 5e-4) and a cosine schedule after one epoch of
     warmup. ResNet-56 (251 MFLOPs, the ViT's FLOPs per image) is left out: its step costs twice the
-    ViT's per image on these cores, 8 hours of one core for 20 epochs."""
+    ViT's per image on these cores (scripts/step_cost.py), about 7-8 hours of one core for 20 epochs."""
     full = {"limit_train": None, "limit_test": None, "epochs": 20}
     cnn = {**CNN_RECIPE, **full, "batch_size": 128, "warmup": 1.0}
     models = (("resnet20", "resnet20", cnn),

@@ -26,11 +26,17 @@ def parse_item(text: str) -> tuple[str, int]:
     return name, int(batch)
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("models", nargs="+", type=parse_item, metavar="PRESET:BATCH")
-    parser.add_argument("--steps", type=int, default=16, help="timed rounds (default 16)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=positive_int, default=16, help="timed rounds (default 16)")
+    parser.add_argument("--threads", type=positive_int, default=1)
     args = parser.parse_args(argv)
     set_threads(args.threads)
     steps = []

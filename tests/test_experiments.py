@@ -285,3 +285,6 @@ def test_step_cost_script_times_each_preset_against_the_first(capsys):
     with pytest.raises(SystemExit):
         step_cost.main(["resnet20:none"])
     assert "expected PRESET:BATCH such as resnet20:128, got 'resnet20:none'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        step_cost.main(["resnet20:2", "--steps", "0"])
+    assert "--steps: expected a whole number of at least 1, got '0'" in capsys.readouterr().err
