@@ -68,7 +68,7 @@ import threading
 import numpy as np
 
 from .backend import get_array_module
-from .cnn_ops import _check_batchnorm, _check_images, _check_window
+from .cnn_ops import _check_batchnorm, _check_group, _check_images, _check_window
 from . import fastops
 from .fastops import _blockwise
 
@@ -329,16 +329,35 @@ def _channel_sums(a3):
 def batchnorm2d_forward(x, weight, bias, running_mean, running_var, training, momentum=0.1, eps=1e-5):
     """Batch normalisation over (B, H, W) for each channel, as cnn_ops.batchnorm2d_forward
     (the same statistics, the same in-place update of the running averages)."""
-    xp = get_array_module(x)
     _check_batchnorm(x, weight, bias, running_mean, running_var, training, momentum, eps)
+    return _batchnorm2d_forward(x, weight, bias, running_mean, running_var, training, momentum, eps, None)
+
+
+def sync_batchnorm2d_forward(x, weight, bias, running_mean, running_var, training, group, momentum=0.1, eps=1e-5):
+    """cnn_ops.sync_batchnorm2d_forward: the statistics of the whole batch, split over the ranks
+    of `group` (minivit.distributed.BatchGroup). batchnorm2d_backward here takes either cache."""
+    _check_batchnorm(x, weight, bias, running_mean, running_var, training, momentum, eps, count=False)
+    _check_group(group)
+    return _batchnorm2d_forward(x, weight, bias, running_mean, running_var, training, momentum, eps, group)
+
+
+def _batchnorm2d_forward(x, weight, bias, running_mean, running_var, training, momentum, eps, group):
+    """Both forwards: group None (this process has the whole batch) or the ranks that share it."""
+    xp = get_array_module(x)
     B, C, H, W = x.shape
     M = B * H * W
     x3 = x.reshape(B, C, H * W)                                          # (B, C, HW), a view when contiguous
+    total = (lambda a: a) if group is None else group.sum                # the sums over every rank's shard
     if training:
-        mean = _channel_sums(x3) / M                                     # (C,)
+        if group is not None:
+            M = group.count(M)                                           # values per channel, all ranks
+            if M < 2:
+                raise ValueError(f"sync_batchnorm2d: training needs more than 1 value per channel over all "
+                                 f"ranks, got {M}")
+        mean = total(_channel_sums(x3)) / M                              # (C,)
         xhat = x3 - mean[:, None]                                        # (B, C, HW), centred
         sq = xhat * xhat                                                 # (B, C, HW)
-        var = _channel_sums(sq) / M                                      # (C,), biased: divides by M
+        var = total(_channel_sums(sq)) / M                               # (C,), biased: divides by M
         inv_std = 1.0 / xp.sqrt(var + eps)                               # (C,)
         xhat *= inv_std[:, None]
         # in place, so a module's buffers (the caller's arrays) carry the new averages
@@ -354,15 +373,17 @@ def batchnorm2d_forward(x, weight, bias, running_mean, running_var, training, mo
         out = xp.empty(xhat.shape, dtype=xp.result_type(xhat, weight))   # (B, C, HW)
     xp.multiply(xhat, weight[:, None], out=out)                          # out = weight * xhat + bias
     out += bias[:, None]
-    return out.reshape(B, C, H, W), (xhat, inv_std, weight, training)
+    return out.reshape(B, C, H, W), (xhat, inv_std, weight, training, M, group)
 
 
 def batchnorm2d_backward(dout, cache):
     """Returns (dx, dweight, dbias), as cnn_ops.batchnorm2d_backward. With M values per channel
     and sum(dxhat) = weight * dbias, sum(dxhat * xhat) = weight * dweight, cnn_ops' formula
         dx = inv_std / M * (M dxhat - sum(dxhat) - xhat * sum(dxhat * xhat))
-    is  dx = weight * inv_std * (dout - (dbias + xhat * dweight) / M), three passes in place."""
-    xhat, inv_std, weight, training = cache
+    is  dx = weight * inv_std * (dout - (dbias + xhat * dweight) / M), three passes in place.
+    After sync_batchnorm2d_forward, dbias and dweight in that formula are the whole batch's,
+    each rank's weighted as in cnn_ops.sync_batchnorm2d_backward; the ones returned are this rank's."""
+    xhat, inv_std, weight, training, M, group = cache
     xp = get_array_module(dout)
     B, C, HW = xhat.shape
     d3 = dout.reshape(B, C, HW)                                          # (B, C, HW)
@@ -376,9 +397,16 @@ def batchnorm2d_backward(dout, cache):
         xp.multiply(d3, scale, out=t)
         return t.reshape(dout.shape), dweight, dbias
     # forward: xhat = (x - mean(x)) * inv_std(x)  =>  the formula above
-    M = B * HW
-    xp.multiply(xhat, (dweight / M)[:, None], out=t)                     # xhat * dweight / M
-    t += (dbias / M)[:, None]
+    all_dbias, all_dweight = dbias, dweight
+    if group is not None:                                                # the whole batch's, on this rank's scale
+        share = group.weight
+        all_dbias = group.sum(dbias * share) / share
+        all_dweight = group.sum(dweight * share) / share
+    xp.multiply(xhat, (all_dweight / M)[:, None], out=t)                 # xhat * dweight / M
+    t += (all_dbias / M)[:, None]
     xp.subtract(d3, t, out=t)
     t *= scale
     return t.reshape(dout.shape), dweight, dbias                         # (B, C, H, W)
+
+
+sync_batchnorm2d_backward = batchnorm2d_backward     # the cache says which

@@ -167,8 +167,10 @@ def conv2d_backward(dout, cache):
 
 # ----------------------------------------------------------------------------- batch normalisation
 
-def _check_batchnorm(x, weight, bias, running_mean, running_var, training, momentum, eps):
-    """batchnorm2d_forward's argument checks (cnn_fastops' twin shares them, messages and all)."""
+def _check_batchnorm(x, weight, bias, running_mean, running_var, training, momentum, eps, count=True):
+    """batchnorm2d_forward's argument checks (cnn_fastops' twin shares them, messages and all).
+    count=False leaves out the check of the values per channel (SyncBatchNorm checks the whole
+    batch's count, after adding it up over the ranks)."""
     _check_images("batchnorm2d: x", x)
     C = x.shape[1]
     for name, a in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
@@ -182,7 +184,7 @@ def _check_batchnorm(x, weight, bias, running_mean, running_var, training, momen
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
         raise ValueError(f"batchnorm2d: eps must be a number > 0, got {eps!r}")
     M = x.shape[0] * x.shape[2] * x.shape[3]
-    if training and M < 2:
+    if count and training and M < 2:
         raise ValueError(f"batchnorm2d: training needs more than 1 value per channel (B*H*W = {M}), "
                          f"got input shape {tuple(x.shape)}: there is no variance to normalise by")
 
@@ -259,6 +261,83 @@ def batchnorm2d_backward(dout, cache):
     sum_dxhat = dxhat.sum(axis=(0, 2, 3), keepdims=True)                 # (1, C, 1, 1)
     sum_dxhat_xhat = (dxhat * xhat).sum(axis=(0, 2, 3), keepdims=True)   # (1, C, 1, 1)
     dx = inv / M * (M * dxhat - sum_dxhat - xhat * sum_dxhat_xhat)       # (B, C, H, W)
+    return dx, dweight, dbias
+
+
+# ----------------------------------------------------------------------------- synchronised batch normalisation
+
+def _check_group(group):
+    if not (callable(getattr(group, "sum", None)) and callable(getattr(group, "count", None))
+            and isinstance(getattr(group, "weight", None), float) and 0.0 < group.weight <= 1.0):
+        raise TypeError(f"sync_batchnorm2d: group must have sum(array), count(int) and a weight in (0, 1] "
+                        f"(minivit.distributed's BatchGroup), got {group!r}")
+
+
+def sync_batchnorm2d_forward(x, weight, bias, running_mean, running_var, training, group, momentum=0.1, eps=1e-5):
+    """batchnorm2d_forward when the batch is split over K processes (data-parallel training:
+    minivit.distributed), as torch.nn.SyncBatchNorm. x (b, C, H, W) is this rank's shard of the
+    batch; the statistics are the WHOLE batch's, so K ranks normalise exactly as one process
+    with the whole batch would:
+
+      group.sum(a)     a per-channel array summed over the ranks (an all-reduce): every rank
+                       gets the same sum
+      group.count(n)   an integer summed over the ranks
+      group.weight     this rank's share of the batch's mean loss, n_r / B (the backward's)
+
+    Training adds up the shards' per-channel sums before dividing: M = count(b * H * W) values
+    per channel, mean = sum(x) / M, then var = sum((x - mean)^2) / M (two all-reduces, centred
+    like batchnorm2d_forward's, so no large sums of squares cancel). The running averages are
+    then the same on every rank. Eval mode has nothing to share: it is batchnorm2d_forward's.
+    """
+    xp = get_array_module(x)
+    _check_batchnorm(x, weight, bias, running_mean, running_var, training, momentum, eps, count=False)
+    _check_group(group)
+    if not training:
+        out, (xhat, inv_std, weight, training) = batchnorm2d_forward(x, weight, bias, running_mean, running_var,
+                                                                     training, momentum, eps)
+        return out, (xhat, inv_std, weight, training, None, group)
+    w4, b4 = weight[None, :, None, None], bias[None, :, None, None]     # (1, C, 1, 1), broadcast
+    M = group.count(x.shape[0] * x.shape[2] * x.shape[3])              # values per channel, all ranks
+    if M < 2:
+        raise ValueError(f"sync_batchnorm2d: training needs more than 1 value per channel over all ranks, got {M}")
+    mean = group.sum(x.sum(axis=(0, 2, 3))) / M                          # (C,), the whole batch's
+    xc = x - mean[None, :, None, None]                                   # (b, C, H, W), centred
+    var = group.sum((xc * xc).sum(axis=(0, 2, 3))) / M                   # (C,), biased: divides by M
+    inv_std = 1.0 / xp.sqrt(var + eps)                                   # (C,)
+    xhat = xc * inv_std[None, :, None, None]                             # (b, C, H, W)
+    running_mean *= 1.0 - momentum                                       # in place, as batchnorm2d_forward
+    running_mean += momentum * mean
+    running_var *= 1.0 - momentum
+    running_var += momentum * var * (M / (M - 1))                        # unbiased, as torch
+    out = w4 * xhat + b4                                                 # (b, C, H, W)
+    return out, (xhat, inv_std, weight, training, M, group)
+
+
+def sync_batchnorm2d_backward(dout, cache):
+    """Returns (dx, dweight, dbias) of this rank's shard: batchnorm2d_backward's formula
+        dx_i = inv_std / M * (M dxhat_i - sum_j dxhat_j - xhat_i * sum_j dxhat_j xhat_j)
+    with the two sums over the WHOLE batch, since every image's statistics depend on every rank's
+    images. The scales differ by rank: dout here is the gradient of this rank's own mean loss,
+    which the step weighs by group.weight = n_r / B (distributed.sum_gradients), so the whole
+    batch's sum is group.sum(weight * this rank's sum), and dividing it by this rank's weight
+    puts it on dout's scale. dweight and dbias stay this rank's sums: sum_gradients adds them up.
+    """
+    xhat, inv_std, weight, training, M, group = cache
+    # forward: out = weight * xhat + bias
+    dbias = dout.sum(axis=(0, 2, 3))                                     # (C,), this rank's
+    dweight = (dout * xhat).sum(axis=(0, 2, 3))                          # (C,)
+    dxhat = dout * weight[None, :, None, None]                           # (b, C, H, W)
+    inv = inv_std[None, :, None, None]                                   # (1, C, 1, 1)
+    if not training:
+        # forward: xhat = (x - running_mean) * inv_std, the statistics fixed
+        return dxhat * inv, dweight, dbias
+    # forward: mean and var summed over the ranks  =>  the sums of the backward too, each rank's
+    # weighted as the loss weighs it, on this rank's scale
+    share = group.weight
+    sum_dxhat = group.sum(dxhat.sum(axis=(0, 2, 3)) * share) / share                    # (C,)
+    sum_dxhat_xhat = group.sum((dxhat * xhat).sum(axis=(0, 2, 3)) * share) / share      # (C,)
+    dx = inv / M * (M * dxhat - sum_dxhat[None, :, None, None]
+                    - xhat * sum_dxhat_xhat[None, :, None, None])        # (b, C, H, W)
     return dx, dweight, dbias
 
 

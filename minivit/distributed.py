@@ -23,6 +23,13 @@ the same summed gradient (the all-reduce hands every rank the same sum) and the 
 arithmetic. The only difference from one process is the order in which the gradient's terms
 are added, a float rounding (tests/test_distributed.py: K = 2 against K = 1 in float64).
 
+BatchNorm (the ResNets, the hybrid's backbone) is the one layer whose forward pass mixes images:
+it normalises with the batch's mean and variance. With K ranks every BatchNorm2d gets a
+BatchGroup (sync_batchnorm, each step) and sums its statistics over the ranks, as
+torch.nn.SyncBatchNorm does, so it normalises with the whole batch's as one process would, and
+the running averages stay the same on every rank. Without that, each rank would normalise with
+its shard's (b = B / K images) and keep running averages of its own.
+
 Which rank does what: all of them train and each tests its shard of the test set (the sums
 are all-reduced); rank 0 alone prints and writes files, the others wait for it at a barrier.
 """
@@ -104,6 +111,9 @@ class Single:
     def barrier(self):
         pass
 
+    def sync_batchnorm(self, model, share):
+        pass                                      # one process has the whole batch
+
     def seed_dropout(self, model, seed, step):
         pass                                      # one process keeps the model's own Generator
 
@@ -131,6 +141,7 @@ class MPIComm(Single):
         self.rank, self.size = comm.rank, comm.size
         self._flat = None                         # the gradient buffer, made on the first step
         self._nccl = None
+        self._group = None                        # BatchNorm's BatchGroup, made on the first step
 
     def shard(self, n):
         return shard(n, self.rank, self.size)
@@ -177,6 +188,19 @@ class MPIComm(Single):
         # On the current stream, so it runs after backward and before clipping reads the sum.
         self._nccl.allReduce(flat.data.ptr, flat.data.ptr, flat.size, kind, nccl.NCCL_SUM,
                              cupy.cuda.get_current_stream().ptr)
+
+    def sync_batchnorm(self, model, share):
+        """Every BatchNorm2d of the model takes its training statistics over the whole batch:
+        its group sums them over the ranks (cnn_ops.sync_batchnorm2d_forward). share = n_r / B,
+        this rank's share of this step's batch, weighs its backward's sums as sum_gradients
+        weighs its gradients. A model without BatchNorm is left as it is."""
+        from .resnet import BatchNorm2d
+        if self._group is None:
+            self._group = BatchGroup(self)
+        self._group.weight = float(share)
+        for m in model.modules():
+            if isinstance(m, BatchNorm2d):
+                m.group = self._group
 
     def sum(self, values):
         """A few float64 numbers summed over ranks (a loss sum, a count): a tiny all-reduce."""
@@ -263,3 +287,30 @@ class MPIComm(Single):
                 message, code = f"{type(exc).__name__}: {exc}", 1
             print(f"{command}: error: rank {self.rank}: {message}", file=sys.__stderr__, flush=True)
             self.abort(code)
+
+
+class BatchGroup:
+    """The ranks that share each batch, as a synchronised BatchNorm sees them (the `group` of
+    cnn_ops.sync_batchnorm2d_forward): sums over the ranks, and this rank's share of the batch."""
+
+    def __init__(self, comm):
+        self._comm = comm                         # the MPIComm whose ranks these are
+        self.weight = 1.0                         # n_r / B: set by MPIComm.sync_batchnorm each step
+
+    def sum(self, a):
+        """A per-channel array (C,) summed over the ranks (MPI, or NCCL on GPU ranks)."""
+        total = a.copy()                          # contiguous, and the caller's array unchanged
+        self._comm._allreduce_(total)
+        return total
+
+    def count(self, n):
+        """An integer summed over the ranks."""
+        total = np.array([n], dtype=np.int64)
+        self._comm.comm.Allreduce(self._comm._MPI.IN_PLACE, total, op=self._comm._MPI.SUM)
+        return int(total[0])
+
+    def __deepcopy__(self, memo):
+        return self                               # a copied model still belongs to these ranks
+
+    def __repr__(self):
+        return f"BatchGroup(rank {self._comm.rank} of {self._comm.size}, weight {self.weight:g})"

@@ -236,7 +236,11 @@ class BatchNorm2d(Module):
 
     The running averages are buffers, not Parameters: state the model keeps (and saves in its
     state_dict) but never trains. In training mode each forward pass normalises with the
-    batch's statistics and updates them; in eval mode it normalises with them."""
+    batch's statistics and updates them; in eval mode it normalises with them.
+
+    `group` is None unless the batch is split over K processes (data-parallel training): then
+    minivit.distributed sets it, and training takes the statistics of the whole batch over
+    all ranks (SyncBatchNorm: cnn_ops.sync_batchnorm2d_forward), as one process would."""
 
     BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -248,19 +252,30 @@ class BatchNorm2d(Module):
         self.num_batches_tracked = np.zeros((), np.int64)   # torch keeps it; only momentum=None would use it
         self.eps = eps
         self.momentum = momentum
+        self.group = None                                          # distributed.BatchGroup with K ranks
         self._cache = None
 
     def forward(self, x):
-        out, self._cache = _conv_ops().batchnorm2d_forward(
-            x, self.weight.data, self.bias.data, self.running_mean, self.running_var, self.training,
-            self.momentum, self.eps)                               # updates the running stats when training
+        ops = _conv_ops()
+        # updates the running stats when training
+        if self.group is None:
+            out, self._cache = ops.batchnorm2d_forward(x, self.weight.data, self.bias.data, self.running_mean,
+                                                       self.running_var, self.training, self.momentum, self.eps)
+        else:
+            out, self._cache = ops.sync_batchnorm2d_forward(x, self.weight.data, self.bias.data, self.running_mean,
+                                                            self.running_var, self.training, self.group,
+                                                            self.momentum, self.eps)
         self._cache_ops = get_ops_kind()
+        self._synced = self.group is not None
         if self.training:
             self.num_batches_tracked += 1
         return out                                                 # (B, C, H, W)
 
     def backward(self, dout):
-        dx, dw, db = _conv_ops().batchnorm2d_backward(dout, self._check_cache(self._cache))
+        cache = self._check_cache(self._cache)
+        ops = _conv_ops()
+        backward = ops.sync_batchnorm2d_backward if self._synced else ops.batchnorm2d_backward
+        dx, dw, db = backward(dout, cache)
         self._cache = None
         self.weight.accumulate(dw)
         self.bias.accumulate(db)

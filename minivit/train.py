@@ -48,10 +48,9 @@ Data parallel (minivit.distributed): under `mpiexec -n K` every process (rank) r
 loop on its shard of each batch; the gradients are summed over the ranks, so all take the same
 step and hold the same weights. The checkpoint does not depend on K: a run resumes with any K,
 bit for bit with the same K, within float rounding with another (the sum's order changes).
-BatchNorm (ResNet, the hybrid's backbone) is not synchronised across ranks: each normalises with
-its own shard's statistics and keeps its own running averages; rank 0's are saved. So with
-BatchNorm a K-rank run is not the 1-rank run (a smaller batch per normalisation), and its
-evaluation differs slightly per rank.
+BatchNorm (ResNet, the hybrid's backbone) is synchronised: its statistics are summed over the
+ranks (SyncBatchNorm), so it normalises with the whole batch's, as one process does, and every
+rank keeps the same running averages.
 
 Fine-tuning at a higher resolution (paper section 3.2): --image-size S resizes both splits once,
 after loading (bilinear, minivit.data.resize_images), and the model must take S x S images: a new
@@ -555,6 +554,8 @@ def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, d
                         y = to_device(dominant_labels(labels, mix)[lo:hi], device)     # (b,)
                     lr = optimizer.lr = learning_rate(recipe, global_step, total_steps, warmup_steps)
 
+                    share = (hi - lo) / len(index)            # this rank's part of the batch's mean loss
+                    comm.sync_batchnorm(model, share)         # K > 1: BatchNorm over the whole batch
                     comm.seed_dropout(model, recipe.seed, global_step)             # K > 1: masks per rank
                     logits = model(x)                                              # (b, K)
                     if mixup.enabled:
@@ -567,8 +568,7 @@ def _train(comm, config, data, recipe, out_dir, resume, init_state, mean, std, d
                     model.backward(dlogits)                                        # fills every p.grad
                     # The gradient of the whole batch's mean loss: the shards' gradients weighted by
                     # their share of the batch, summed over ranks (one all-reduce; nothing with K = 1).
-                    # (BatchNorm's batch statistics stay per rank, over its shard: see the docstring.)
-                    comm.sum_gradients(params, (hi - lo) / len(index))
+                    comm.sum_gradients(params, share)
                     grad_norm = None
                     if recipe.clip_grad > 0:
                         # Scales all gradients together when their global norm is above clip_grad
