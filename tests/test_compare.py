@@ -39,6 +39,19 @@ def test_the_table_gives_each_run_its_times_in_hours(tmp_path):
     assert table[3] == "| slow | 3 | 76.00% | 76.00% | 3.00 h | 3.00 h | - |"
 
 
+def test_median_epoch_counts_every_epoch_at_the_runs_median(tmp_path, capsys):
+    """A run whose first epoch shared the machine (3x slower): --median-epoch times each of its epochs
+    at the median (100 s), and the table's head says the times are not as measured."""
+    history = [{"test_acc": a, "epoch_seconds": s} for a, s in ((0.5, 300), (0.74, 100), (0.76, 90), (0.8, 110))]
+    assert time_to_accuracy(history, 0.75) == 490
+    assert time_to_accuracy(history, 0.75, median=True) == 3 * 105    # median of 300, 100, 90, 110
+    run = write_run(tmp_path / "busy", [0.5, 0.74, 0.76, 0.8], [3600, 1200, 1080, 1320])
+    assert main(["compare", str(run), "--median-epoch"]) == 0
+    printed = capsys.readouterr().out
+    assert "| total time (median epoch x epochs) |" in printed
+    assert "| busy | 4 | 80.00% | 80.00% | 1.40 h | 1.05 h | 1.40 h |" in printed    # 4 x 1260 s, 3 x, 4 x
+
+
 def test_the_command_prints_the_table_and_draws_the_figure(tmp_path, capsys):
     a = write_run(tmp_path / "runs" / "a", [0.7, 0.8], [60, 60])
     b = write_run(tmp_path / "runs" / "b", [0.75, 0.79], [30, 30])
