@@ -203,7 +203,8 @@ PRESETS: dict[str, ViTConfig] = {
     # The two small ViTs commonly trained from scratch on CIFAR-10.
     "cifar-vit4": ViTConfig(img_size=32, patch_size=4, num_classes=10, dim=192, depth=12, heads=6, mlp_dim=384),
     "cifar-vit2": ViTConfig(img_size=32, patch_size=2, num_classes=10, dim=96, depth=12, heads=6, mlp_dim=192),
-    # The model of the 20-epoch CIFAR-10 recipe (`minivit train --preset cifar-recipe`).
+    # The pure ViT of the 20-epoch CIFAR-10 recipe (`minivit train --preset cifar-recipe`; the default
+    # model of `minivit train` is its hybrid twin, cifar-hybrid, below).
     # Short schedules favour the "simple ViT" choices of Beyer et al. (2022): mean-pooled tokens,
     # fixed 2-D sin-cos position embeddings and no stochastic depth; and attention that starts
     # out local, from the mimetic initialisation (Trockman & Kolter, 2023).
@@ -309,7 +310,8 @@ class HybridConfig(ViTConfig):
 HYBRID_PRESETS: dict[str, HybridConfig] = {
     # The paper's R50+ViT-B/16 (Table 6 hybrids at 224 x 224, ImageNet head): 14 x 14 = 196 tokens.
     "r50-vit-b16": HybridConfig(),
-    # For CIFAR-10: the stem and three one-block stages of a CIFAR ResNet (ResNet-8's: 16, 32, 64
+    # The model of the 20-epoch CIFAR-10 recipe, `minivit train`'s default (README "Training on CIFAR-10").
+    # The stem and three one-block stages of a CIFAR ResNet (ResNet-8's: 16, 32, 64
     # channels, option A shortcuts) take 32 x 32 images to an 8 x 8 map of 64 channels, whose 1x1
     # patches are 64 tokens, as many as cifar-recipe's 4 x 4 patches give; then the blocks of
     # cifar-recipe (D 192, 6 heads, MLP 384, mean pool, sin-cos positions, mimetic init), one fewer

@@ -246,3 +246,19 @@ def test_init_refuses_a_resnet_run(tmp_path, capsys, fake_cifar, no_curves):
     train(RESNET, synthetic_data(), ADAMW_RECIPE.replace(epochs=1), tmp_path / "resnet")
     assert main(["train", "--init", str(tmp_path / "resnet" / "checkpoint.npz"), "--out", str(tmp_path / "ft")]) == 2
     assert "holds a resnet model; --init starts ViTs from ViT weights" in capsys.readouterr().err
+
+
+def test_minivit_train_without_a_preset_trains_the_recipes_hybrid(tmp_path, monkeypatch, capsys):
+    """`minivit train` with no --preset trains the recipe's model (README "Training on CIFAR-10"): the
+    hybrid cifar-hybrid, with the recipe's settings for everything not given."""
+    from minivit.config import get_model_preset
+    from minivit.data import synthetic_cifar10
+    data = synthetic_cifar10(n_train=64, n_test=32, seed=0)
+    monkeypatch.setattr(train_mod, "find_cifar10", lambda path=None, download=True: "synthetic")
+    monkeypatch.setattr(train_mod, "load_cifar10", lambda path, limit=None: data)
+    out = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--batch-size", "32", "--warmup", "0.5", "--out", str(out)]) == 0
+    _, _, meta = load_checkpoint(out / "checkpoint.npz")
+    assert meta["model"] == "hybrid" and checkpoint_config(meta) == get_model_preset("cifar-hybrid")
+    assert Recipe(**meta["recipe"]) == RECIPE.replace(epochs=1, batch_size=32, warmup=0.5)
+    assert "cifar-hybrid" in capsys.readouterr().out
