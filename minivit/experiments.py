@@ -13,7 +13,8 @@ the base run, so a run two experiments share (the base itself) is trained once. 
 be stopped at any moment (Ctrl-C, SIGTERM, the end of a session) and started again: finished
 runs are skipped, a run stopped midway resumes from its checkpoint (bit for bit, see train.py).
 After every run the experiment's table, lessons/results/<experiment>.csv, is written again from
-the finished runs' metrics.csv files: one row per run, so the seed spread is in the table;
+the finished runs' metrics.csv files: one row per run, so the seed spread is in the table (a row
+whose run is not in RUNS keeps its place, so runs made on another machine are not lost);
 --report draws lessons/figures/<experiment>.png from it and prints its summary table.
 
 The budget. The paper's ablations are ImageNet runs; on two CPU cores a whole set must fit in
@@ -349,7 +350,17 @@ def row(run: Run, runs_dir: Path) -> dict:
 
 
 def write_csv(experiment: str, runs: list, runs_dir: Path, results: Path = RESULTS) -> Path | None:
-    rows = [row(r, runs_dir) for r in runs if state(r, runs_dir) == "finished"]
+    """Write results/<experiment>.csv: one row per finished run, in the experiment's order. A run
+    finished in RUNS_DIR gets its row from its metrics.csv; a run of the experiment that is not
+    finished there keeps the row the table already had, if any, so that runs trained on another
+    machine or in an earlier runs directory (gone with its session) stay in the table."""
+    path = results / f"{experiment}.csv"
+    kept = {}
+    if path.exists():
+        with open(path, newline="") as f:
+            kept = {r["run"]: r for r in csv.DictReader(f) if r.get("run")}
+    rows = [row(r, runs_dir) if state(r, runs_dir) == "finished" else kept.get(r.name) for r in runs]
+    rows = [r for r in rows if r is not None]
     if not rows:
         return None
     columns = list(dict.fromkeys(k for r in rows for k in r))      # first seen first: the variant columns lead
@@ -357,7 +368,6 @@ def write_csv(experiment: str, runs: list, runs_dir: Path, results: Path = RESUL
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    path = results / f"{experiment}.csv"
     _write_atomically(path, buffer.getvalue().encode())
     return path
 

@@ -88,6 +88,24 @@ def test_a_run_trains_once_resumes_state_and_fills_the_csv(tmp_path):
     assert (row["train_images"], row["epochs"], row["test_images"]) == ("40", "2", "20")
 
 
+def test_the_csv_keeps_the_rows_of_runs_finished_in_another_runs_directory(tmp_path):
+    data = synthetic_data()
+    runs = [ex.Run("tiny", {"pool": pool, "seed": 0}, {**TINY, "pool": pool}, {**QUICK, "seed": 0})
+            for pool in ("cls", "mean")]
+    results = tmp_path / "results"
+    results.mkdir()
+    ex.execute(runs[1], data, tmp_path / "machine-a")         # the second run, on one machine
+    first = list(csv.DictReader(open(ex.write_csv("tiny", runs, tmp_path / "machine-a", results))))
+    with open(results / "tiny.csv", "a") as f:                # a row of a run the experiment no longer has
+        f.write(",".join("stale" if k == "run" else first[0][k] for k in first[0]) + "\n")
+    ex.execute(runs[0], data, tmp_path / "machine-b")         # the first run, on a fresh machine
+    rows = list(csv.DictReader(open(ex.write_csv("tiny", runs, tmp_path / "machine-b", results))))
+    assert [r["run"] for r in rows] == [runs[0].name, runs[1].name]     # the experiment's order, stale dropped
+    assert rows[1] == first[0]                                            # kept as it was, to the character
+    assert ex.write_csv("tiny", runs, tmp_path / "empty", results) is not None
+    assert [r["run"] for r in csv.DictReader(open(results / "tiny.csv"))] == [runs[0].name, runs[1].name]
+
+
 def test_report_summarises_seeds_and_draws_the_figure(tmp_path, capsys):
     results = tmp_path / "results"
     results.mkdir()
