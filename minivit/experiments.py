@@ -355,10 +355,7 @@ def write_csv(experiment: str, runs: list, runs_dir: Path, results: Path = RESUL
     finished there keeps the row the table already had, if any, so that runs trained on another
     machine or in an earlier runs directory (gone with its session) stay in the table."""
     path = results / f"{experiment}.csv"
-    kept = {}
-    if path.exists():
-        with open(path, newline="") as f:
-            kept = {r["run"]: r for r in csv.DictReader(f) if r.get("run")}
+    kept = {r["run"]: r for r in read_csv(experiment, results) if r.get("run")} if path.exists() else {}
     rows = [row(r, runs_dir) if state(r, runs_dir) == "finished" else kept.get(r.name) for r in runs]
     rows = [r for r in rows if r is not None]
     if not rows:
