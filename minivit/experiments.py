@@ -36,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -425,7 +426,11 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def plot(experiment: str, rows: list[dict], path: Path):
-    """Test accuracy of every run (dots, one per seed) and the mean of each variant (line)."""
+    """Test accuracy of every run (dots, one per seed) and the mean of each variant: a line along a
+    numeric axis, a bar across each variant's dots where the variants are names (a line between
+    them would draw a trend that names do not have)."""
+    import textwrap
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -443,17 +448,24 @@ def plot(experiment: str, rows: list[dict], path: Path):
         for x, y in zip(xs, ys):
             means.setdefault(x, []).append(y)
         keys = sorted(means)
-        ax.plot(keys, [statistics.mean(means[k]) for k in keys], color=dots.get_facecolor()[0],
-                label=f"{line_name}={line}" if line is not None else "mean over seeds")
+        label = f"{line_name}={line}" if line is not None else "mean over seeds"
+        if categorical:
+            ax.scatter(keys, [statistics.mean(means[k]) for k in keys], marker="_", s=400,
+                       color=dots.get_facecolor()[0], alpha=1.0, label=label)
+        else:
+            ax.plot(keys, [statistics.mean(means[k]) for k in keys], color=dots.get_facecolor()[0], label=label)
     if categorical:
-        ax.set_xticks(range(len(order)), order)
+        ax.set_xticks(range(len(order)), [textwrap.fill(name, 14) for name in order])   # long names wrap
+        ax.set_xlim(-0.5, len(order) - 0.5)
     if log_x:
         ax.set_xscale("log")
         values = sorted({float(r[x_name]) for r in rows})
         ax.set_xticks(values, [f"{v:g}" for v in values])   # the values run, not 3x10^-4 ... labels
         ax.minorticks_off()
-    seeds = len({r["seed"] for r in rows})
-    ax.set(xlabel=x_name, ylabel="test accuracy (%)", title=f"{experiment}: {seeds} seeds, a dot per run")
+    per_variant = Counter((r[x_name], r[line_name] if line_name else None) for r in rows)
+    low, high = min(per_variant.values()), max(per_variant.values())
+    seeds = f"{high} seeds" if low == high else f"{low}-{high} seeds"
+    ax.set(xlabel=x_name, ylabel="test accuracy (%)", title=f"{experiment}: {seeds} per variant, a dot per run")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
