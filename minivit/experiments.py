@@ -425,10 +425,10 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(experiment: str, rows: list[dict], path: Path):
-    """Test accuracy of every run (dots, one per seed) and the mean of each variant: a line along a
-    numeric axis, a bar across each variant's dots where the variants are names (a line between
-    them would draw a trend that names do not have)."""
+def draw(experiment: str, rows: list[dict]):
+    """The figure of test accuracy: every run a dot (one per seed), and the mean of each variant, a
+    line along a numeric axis, a bar across the variant's dots where the variants are names (a line
+    between them would draw a trend that names do not have)."""
     import textwrap
 
     import matplotlib
@@ -469,10 +469,17 @@ def plot(experiment: str, rows: list[dict], path: Path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot(experiment: str, rows: list[dict], path: Path):
+    """draw()'s figure written to path as a PNG."""
+    import matplotlib.pyplot as plt
+    fig = draw(experiment, rows)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    path.parent.mkdir(parents=True, exist_ok=True)
     plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
     _write_atomically(path, buffer.getvalue())
 
 

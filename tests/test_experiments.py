@@ -136,6 +136,23 @@ def test_the_cnn_report_puts_the_vits_data_scale_rows_beside_the_cnns(tmp_path, 
     assert "| vit | 5000 | 44.0% (43.0-45.0) | 2 | 45.4 | 38 |" in out and "| resnet20 | 5000 | 61.0% (61.0-61.0) |" in out
 
 
+def test_named_variants_get_a_mean_bar_each_and_no_line_between_them():
+    import matplotlib.pyplot as plt
+    rows = [{"model": m, "seed": s, "test_acc": a} for m, s, a in
+            [("resnet20", "0", "0.86"), ("resnet20", "1", "0.85"), ("vit", "0", "0.77")]]
+    fig = ex.draw("cnn_vs_vit", rows)
+    ax = fig.axes[0]
+    assert [len(line.get_xdata()) for line in ax.lines] == []             # nothing joins resnet20 to vit
+    bars = ax.collections[-1]                                              # drawn last: the means
+    assert bars.get_offsets().tolist() == [[0, 85.5], [1, 77.0]]
+    assert ax.get_title() == "cnn_vs_vit: 1-2 seeds per variant, a dot per run"
+    plt.close(fig)
+    numeric = [{"lr": lr, "pool": "cls", "seed": "0", "test_acc": a} for lr, a in [("0.001", "0.5"), ("0.002", "0.6")]]
+    fig = ex.draw("pool_lr", numeric)
+    assert [len(line.get_xdata()) for line in fig.axes[0].lines] == [2]   # along a numeric axis: a line
+    plt.close(fig)
+
+
 def test_a_run_with_a_checkpoint_but_short_metrics_is_resumed_not_restarted(tmp_path):
     data = synthetic_data()
     run = ex.Run("tiny", {"seed": 0}, TINY, {**QUICK, "seed": 0})
