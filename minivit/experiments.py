@@ -448,12 +448,12 @@ def draw(experiment: str, rows: list[dict]):
         for x, y in zip(xs, ys):
             means.setdefault(x, []).append(y)
         keys = sorted(means)
-        label = f"{line_name}={line}" if line is not None else "mean over seeds"
+        mean_ys = [statistics.mean(means[k]) for k in keys]
+        style = dict(color=dots.get_facecolor()[0], label=f"{line_name}={line}" if line is not None else "mean over seeds")
         if categorical:
-            ax.scatter(keys, [statistics.mean(means[k]) for k in keys], marker="_", s=400,
-                       color=dots.get_facecolor()[0], alpha=1.0, label=label)
+            ax.scatter(keys, mean_ys, marker="_", s=400, alpha=1.0, **style)   # opaque: the dots are not
         else:
-            ax.plot(keys, [statistics.mean(means[k]) for k in keys], color=dots.get_facecolor()[0], label=label)
+            ax.plot(keys, mean_ys, **style)
     if categorical:
         ax.set_xticks(range(len(order)), [textwrap.fill(name, 14) for name in order])   # long names wrap
         ax.set_xlim(-0.5, len(order) - 0.5)
